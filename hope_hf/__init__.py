@@ -1,3 +1,19 @@
-"""hope-hf: Nested Learning and HOPE for the Hugging Face ecosystem."""
+"""hope-hf: Nested Learning and HOPE for the Hugging Face ecosystem.
+
+Importing the package registers `"hope"` with `AutoConfig`, `AutoModel` and
+`AutoModelForCausalLM`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .cache_hope import HopeCache
+from .configuration_hope import HopeConfig
+from .modeling_hope import HopeForCausalLM, HopeModel, HopePreTrainedModel
 
 __version__ = "0.1.0"
+
+AutoConfig.register("hope", HopeConfig, exist_ok=True)
+AutoModel.register(HopeConfig, HopeModel, exist_ok=True)
+AutoModelForCausalLM.register(HopeConfig, HopeForCausalLM, exist_ok=True)
+
+__all__ = ["HopeConfig", "HopeModel", "HopeForCausalLM", "HopePreTrainedModel", "HopeCache"]

@@ -1,0 +1,194 @@
+"""`HopeCache`: the fast-weight state of a HOPE model, carried across forward and generate() calls.
+
+Everything is per sample and batch-first (counters are `[B]` tensors), so beam reordering,
+`batch_select_indices` and left padding are plain indexing. Per layer, a flat dict of tensors:
+- memories: `mem.<X>.<W>` (current state) and `mem.<X>.<W>.start` (chunk-start state);
+- the short-convolution tail `conv` [B, conv_window - 1, d];
+- attention: `keys`/`values` [B, H, L, D] and `key_mask` [B, L];
+- CMS level l: `cms.<l>.<gate|up|down>` fast weights, `cms.<l>.grad.<...>` gradient summed over
+  the current chunk, `cms.<l>.num_updates` [B].
+Cache-wide: `seen_tokens` [B] (real tokens per sample) and `seen_columns` (input columns, pads
+included: what `generate()` asks `get_seq_length()` for).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class HopeCacheLayer:
+    """State of one `HopeBlock`: a flat dict of batch-first tensors."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self) -> None:
+        self.state: Dict[str, torch.Tensor] = {}
+
+    @property
+    def is_initialized(self) -> bool:
+        return bool(self.state)
+
+    def _apply(self, fn) -> None:
+        self.state = {name: fn(tensor) for name, tensor in self.state.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply(lambda x: x[indices.to(x.device)])
+
+    def reset(self) -> None:
+        self.state = {}
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("HopeCache cannot be cropped: fast weights cannot forget the tokens they have learned from")
+
+    def offload(self) -> None:  # the state is small; nothing to offload
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"HopeCacheLayer({len(self.state)} tensors)"
+
+
+class HopeCache(Cache):
+    """Fast-weight memory states, CMS chunk buffers and counters (and KV pairs for
+    `mixer="attention"`) of a [`HopeModel`], per sample.
+
+    Args:
+        config: the model's `HopeConfig`; a cache made for one config is refused by a model with
+            different state shapes (see `HopeConfig.state_signature`).
+    """
+
+    is_compileable = False
+
+    def __init__(self, config) -> None:
+        super().__init__(layers=[HopeCacheLayer() for _ in range(config.num_hidden_layers)])
+        self.signature = config.state_signature()
+        self.seen_tokens: Optional[torch.Tensor] = None
+        self.seen_columns = 0
+
+    # --- what generate() and users ask -------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_columns
+
+    def get_max_length(self, layer_idx: Optional[int] = None) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0):
+        return self.seen_columns + query_length, 0
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.seen_tokens is None else int(self.seen_tokens.shape[0])
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.seen_tokens is not None
+
+    def cms_update_counts(self, layer_idx: int) -> List[Optional[torch.Tensor]]:
+        """Per CMS level of a layer: how many fast-weight updates each sample has made ([B]),
+        or None for a static level."""
+        out = []
+        for level, size in enumerate(self.signature["cms_chunk_sizes"]):
+            out.append(None if size is None else self.layers[layer_idx].state.get(f"cms.{level}.num_updates"))
+        return out
+
+    # --- batch manipulation (beam search, batch selection) ------------------------------------
+    def _apply_counters(self, fn) -> None:
+        if self.seen_tokens is not None:
+            self.seen_tokens = fn(self.seen_tokens)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._apply_counters(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._apply_counters(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._apply_counters(lambda x: x[indices.to(x.device)])
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = None
+        self.seen_columns = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("HopeCache cannot be cropped: fast weights cannot forget the tokens they have learned from")
+
+    # --- validation -----------------------------------------------------------------------------
+    def check_compatible(self, config, batch_size: int) -> None:
+        """Raise ValueError if this cache was made for another config or batch size."""
+        signature = config.state_signature()
+        if signature != self.signature:
+            diff = {k: (self.signature.get(k), v) for k, v in signature.items() if self.signature.get(k) != v}
+            raise ValueError(f"past_key_values is a HopeCache made for another model config; differing fields "
+                             f"(cache, model): {diff}")
+        if self.seen_tokens is not None and self.seen_tokens.shape[0] != batch_size:
+            raise ValueError(f"past_key_values holds state for batch size {self.seen_tokens.shape[0]}, but the "
+                             f"input has batch size {batch_size}; use cache.batch_repeat_interleave or "
+                             f"batch_select_indices to adapt it")
+
+    # --- keep a memory: save / load -------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the cache to one safetensors file (atomically: a failed save leaves no file)."""
+        from safetensors.torch import save_file
+
+        if self.seen_tokens is None:
+            raise ValueError("HopeCache.save: the cache is empty (no token has been processed yet)")
+        tensors = {"seen_tokens": self.seen_tokens.detach().contiguous().cpu()}
+        for i, layer in enumerate(self.layers):
+            for name, tensor in layer.state.items():
+                tensors[f"layers.{i}.{name}"] = tensor.detach().contiguous().cpu()
+        metadata = {"signature": json.dumps(self.signature, sort_keys=True), "seen_columns": str(self.seen_columns),
+                    "format": "hope-cache-v1"}
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, config, device: str | torch.device | None = None) -> "HopeCache":
+        """Read a cache written by `save`, refusing one made for another config."""
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt", device=str(device or "cpu")) as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != "hope-cache-v1":
+                raise ValueError(f"{path} is not a HopeCache file (format={metadata.get('format')!r})")
+            saved = json.loads(metadata["signature"])
+            cache = cls(config)
+            if saved != cache.signature:
+                diff = {k: (saved.get(k), v) for k, v in cache.signature.items() if saved.get(k) != v}
+                raise ValueError(f"{path} holds a HopeCache for another config; differing fields (file, config): {diff}")
+            cache.seen_columns = int(metadata["seen_columns"])
+            for key in f.keys():
+                if key == "seen_tokens":
+                    cache.seen_tokens = f.get_tensor(key)
+                    continue
+                _, index, name = key.split(".", 2)
+                cache.layers[int(index)].state[name] = f.get_tensor(key)
+        return cache
+
+    def __repr__(self) -> str:
+        return f"HopeCache(batch_size={self.batch_size}, seen_columns={self.seen_columns}, layers={len(self.layers)})"

@@ -1,0 +1,226 @@
+"""Configuration of HOPE models (self-modifying Titans + Continuum Memory System).
+
+Every knob of the model lives here (see `SPEC.md` sections 1-4 and 9). Invalid values raise
+`ValueError` naming the field and what is accepted, at construction time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+from transformers import PretrainedConfig
+
+MIXERS = ("self_modifying", "titans", "attention")
+MEMORY_TYPES = ("deep", "linear")
+CMS_VARIANTS = ("sequential", "independent")
+ACTIVATIONS = ("silu", "gelu", "tanh")
+SELF_MODIFYING_MEMORIES = ("k", "v", "eta", "alpha", "mem")
+
+
+class HopeConfig(PretrainedConfig):
+    r"""Configuration of a [`HopeModel`] / [`HopeForCausalLM`].
+
+    Args:
+        vocab_size: Number of tokens of the vocabulary.
+        hidden_size: Model width `d`.
+        num_hidden_layers: Number of `HopeBlock`s.
+        num_heads: Heads `H` of the sequence mixer; `head_dim = hidden_size // num_heads`.
+        mixer: `"self_modifying"` (self-modifying Titans, paper Eq. 83-91), `"titans"` (static
+            projections, one deep memory) or `"attention"` (Hope-Attention: causal softmax attention).
+        memory_type: `"deep"` (residual 2-layer MLP memory, paper Eq. 89) or `"linear"` (`M(z) = W z`).
+        memory_hidden_size: Hidden width `d_mem` of a deep memory (per head). Defaults to `head_dim`.
+        memory_activation: Activation inside deep memories and after the short convolution.
+        chunk_size: `C`, chunk size of the adaptive projections' memories (`M_k, M_v, M_eta, M_alpha`):
+            inside a chunk they are read, and their gradients taken, at the chunk-start state.
+        memory_chunk_size: `C_mem`, the same for the main memory `M_mem` (and the titans memory).
+        eta_max: Upper bound of the per-token inner learning rate `eta_t = eta_max * sigmoid(.)`.
+        eta_init: Initial inner learning rate as a fraction of `eta_max` (SPEC section 9).
+        alpha_init: Initial retention `alpha_t` (SPEC section 9: keep it near 1).
+        conv_window: Window of the causal depthwise convolution of the non-adaptive stage.
+        cms_chunk_sizes: One Continuum Memory System level per entry, fastest first; an int `C_l` is
+            a level whose fast weights are updated every `C_l` tokens, `None` a static level
+            (updated only by the outer optimizer). `[None]` is a plain Transformer-style MLP.
+        cms_intermediate_size: Hidden width of each CMS level (SwiGLU). Defaults to `~8/3 d`
+            rounded up to a multiple of 32.
+        cms_variant: `"sequential"` (chained levels, paper Eq. 73) or `"independent"` (levels read
+            the same input, outputs mixed with learned weights, paper Eq. 74).
+        cms_eta_init: Initial inner learning rate `eta_l = softplus(.)` of the CMS levels.
+        cms_alpha_init: Initial retention `alpha_l = sigmoid(.)` of the CMS levels.
+        in_context_updates: If `False`, no memory and no CMS level is ever updated inside the
+            forward pass (the ablation "without in-context learning"): memories are read at their
+            initial state.
+        rms_norm_eps: Epsilon of every RMSNorm.
+        norm_eps: Epsilon of the L2 normalisations of keys and queries.
+        initializer_range: Standard deviation of the normal initialisation of linear layers.
+        memory_init_range: Standard deviation of the initial states of the deep memories'
+            weights (small, so that a residual memory starts near the identity).
+        rope_theta: RoPE base of the attention mixer.
+        attention_bias: Whether the attention mixer's projections have biases.
+        tie_word_embeddings: Tie the LM head to the token embedding.
+        use_cache: Whether `forward` returns a `HopeCache` by default (in eval mode).
+    """
+
+    model_type = "hope"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 256,
+        num_hidden_layers: int = 4,
+        num_heads: int = 4,
+        mixer: str = "self_modifying",
+        memory_type: str = "deep",
+        memory_hidden_size: Optional[int] = None,
+        memory_activation: str = "silu",
+        chunk_size: int = 16,
+        memory_chunk_size: int = 64,
+        eta_max: float = 0.5,
+        eta_init: float = 0.05,
+        alpha_init: float = 0.97,
+        conv_window: int = 4,
+        cms_chunk_sizes: Optional[Sequence[Optional[int]]] = (16, 256, None),
+        cms_intermediate_size: Optional[int] = None,
+        cms_variant: str = "sequential",
+        cms_eta_init: float = 1e-3,
+        cms_alpha_init: float = 0.999,
+        in_context_updates: bool = True,
+        rms_norm_eps: float = 1e-6,
+        norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        memory_init_range: float = 0.02,
+        rope_theta: float = 10000.0,
+        attention_bias: bool = False,
+        tie_word_embeddings: bool = True,
+        use_cache: bool = True,
+        pad_token_id: Optional[int] = None,
+        bos_token_id: Optional[int] = None,
+        eos_token_id: Optional[int] = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_heads = num_heads
+        self.mixer = mixer
+        self.memory_type = memory_type
+        self.memory_hidden_size = memory_hidden_size
+        self.memory_activation = memory_activation
+        self.chunk_size = chunk_size
+        self.memory_chunk_size = memory_chunk_size
+        self.eta_max = eta_max
+        self.eta_init = eta_init
+        self.alpha_init = alpha_init
+        self.conv_window = conv_window
+        self.cms_chunk_sizes = list(cms_chunk_sizes) if cms_chunk_sizes is not None else []
+        self.cms_intermediate_size = cms_intermediate_size
+        self.cms_variant = cms_variant
+        self.cms_eta_init = cms_eta_init
+        self.cms_alpha_init = cms_alpha_init
+        self.in_context_updates = in_context_updates
+        self.rms_norm_eps = rms_norm_eps
+        self.norm_eps = norm_eps
+        self.initializer_range = initializer_range
+        self.memory_init_range = memory_init_range
+        self.rope_theta = rope_theta
+        self.attention_bias = attention_bias
+        self.use_cache = use_cache
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.validate_hope()
+
+    # Derived sizes: properties, so a saved config holds only the knobs.
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def memory_dim(self) -> int:
+        return self.memory_hidden_size if self.memory_hidden_size is not None else self.head_dim
+
+    @property
+    def cms_hidden_size(self) -> int:
+        if self.cms_intermediate_size is not None:
+            return self.cms_intermediate_size
+        return 32 * math.ceil(8 * self.hidden_size / 3 / 32)
+
+    def validate_hope(self) -> None:
+        """Raise `ValueError` naming the first invalid field."""
+
+        def positive_int(name: str, value) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"HopeConfig.{name} must be a positive int, got {value!r}")
+
+        def choice(name: str, value, accepted: Sequence[str]) -> None:
+            if value not in accepted:
+                raise ValueError(f"HopeConfig.{name} must be one of {list(accepted)}, got {value!r}")
+
+        def open_unit(name: str, value) -> None:
+            if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+                raise ValueError(f"HopeConfig.{name} must be a float in (0, 1), got {value!r}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "chunk_size",
+                     "memory_chunk_size", "conv_window"):
+            positive_int(name, getattr(self, name))
+        for name in ("memory_hidden_size", "cms_intermediate_size"):
+            if getattr(self, name) is not None:
+                positive_int(name, getattr(self, name))
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(
+                f"HopeConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        choice("mixer", self.mixer, MIXERS)
+        choice("memory_type", self.memory_type, MEMORY_TYPES)
+        choice("memory_activation", self.memory_activation, ACTIVATIONS)
+        choice("cms_variant", self.cms_variant, CMS_VARIANTS)
+        if self.mixer == "attention" and self.head_dim % 2 != 0:
+            raise ValueError(f"HopeConfig: mixer='attention' needs an even head_dim (RoPE), got {self.head_dim}")
+        if not isinstance(self.eta_max, (int, float)) or not 0.0 < self.eta_max <= 1.0:
+            raise ValueError(f"HopeConfig.eta_max must be a float in (0, 1], got {self.eta_max!r}")
+        open_unit("eta_init", self.eta_init)
+        open_unit("alpha_init", self.alpha_init)
+        open_unit("cms_alpha_init", self.cms_alpha_init)
+        if not isinstance(self.cms_eta_init, (int, float)) or self.cms_eta_init <= 0:
+            raise ValueError(f"HopeConfig.cms_eta_init must be a positive float, got {self.cms_eta_init!r}")
+        if not isinstance(self.cms_chunk_sizes, list):
+            raise ValueError(f"HopeConfig.cms_chunk_sizes must be a list of positive ints or None, "
+                             f"got {self.cms_chunk_sizes!r}")
+        for size in self.cms_chunk_sizes:
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+                raise ValueError(
+                    f"HopeConfig.cms_chunk_sizes entries must be positive ints or None, got {self.cms_chunk_sizes!r}"
+                )
+        if not isinstance(self.in_context_updates, bool):
+            raise ValueError(f"HopeConfig.in_context_updates must be a bool, got {self.in_context_updates!r}")
+        for name in ("rms_norm_eps", "norm_eps", "initializer_range", "memory_init_range", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"HopeConfig.{name} must be a positive float, got {value!r}")
+
+    def state_signature(self) -> dict:
+        """The fields that fix the shapes and meaning of a `HopeCache`: a cache made for one
+        signature is refused by a model with another."""
+        return {
+            "model_type": self.model_type,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_heads": self.num_heads,
+            "mixer": self.mixer,
+            "memory_type": self.memory_type,
+            "memory_dim": self.memory_dim,
+            "chunk_size": self.chunk_size,
+            "memory_chunk_size": self.memory_chunk_size,
+            "conv_window": self.conv_window,
+            "cms_chunk_sizes": list(self.cms_chunk_sizes),
+            "cms_hidden_size": self.cms_hidden_size,
+            "cms_variant": self.cms_variant,
+        }
+
+
+__all__ = ["HopeConfig"]

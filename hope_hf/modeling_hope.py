@@ -1,0 +1,566 @@
+"""HOPE: self-modifying Titans + Continuum Memory System (SPEC sections 1-4, 6).
+
+`HopeForCausalLM` = token embedding -> num_hidden_layers x HopeBlock -> RMSNorm -> LM head.
+`HopeBlock` = h + Mixer(RMSNorm(h)), then the CMS levels (fastest first).
+
+State (fast weights, chunk counters, conv tails, KV pairs) is carried functionally through the
+blocks as a flat dict per layer and stored in a `HopeCache` between calls. The per-token math
+lives in `memory_hope.py` (read, gradient, DGD update) and `ops_reference.py` (the scans).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .cache_hope import HopeCache
+from .configuration_hope import SELF_MODIFYING_MEMORIES, HopeConfig
+from .memory_hope import activation, l2norm
+from .ops_reference import MemoryRule, cms_scan, self_modifying_scan, titans_scan
+
+LayerState = Dict[str, torch.Tensor]
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def _inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+class HopeRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x = hidden_states.float() if dtype in (torch.float16, torch.bfloat16) else hidden_states
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class ShortConvolution(nn.Module):
+    """Causal depthwise convolution over the last `window` real tokens (paper's conv4).
+
+    The tail (last `window - 1` real inputs, [B, window - 1, d]) is carried in the state, and a
+    padding token does not shift it, so a padded batch sees what each sequence sees alone."""
+
+    def __init__(self, hidden_size: int, window: int) -> None:
+        super().__init__()
+        self.window = window
+        self.weight = nn.Parameter(torch.zeros(hidden_size, window))
+
+    def forward(self, x: torch.Tensor, tail: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, T, d]; tail: [B, window - 1, d]; mask: [B, T] -> ([B, T, d], new tail)."""
+        if self.window == 1:
+            return x * self.weight[:, 0], tail
+        if bool(mask.all()):
+            padded = torch.cat([tail, x], dim=1)  # [B, W-1+T, d]
+            windows = padded.unfold(1, self.window, 1)  # [B, T, d, W]
+            return (windows * self.weight).sum(-1), padded[:, -(self.window - 1):]
+        outputs = []
+        for t in range(x.shape[1]):
+            window = torch.cat([tail, x[:, t : t + 1]], dim=1)  # [B, W, d]
+            outputs.append(torch.einsum("bwd,dw->bd", window, self.weight))
+            tail = torch.where(mask[:, t, None, None], window[:, 1:], tail)
+        return torch.stack(outputs, dim=1), tail
+
+
+class MemoryInitialState(nn.Module):
+    """The meta-learned initial state of one in-context memory, per head (SPEC section 2)."""
+
+    def __init__(self, config: HopeConfig) -> None:
+        super().__init__()
+        heads, dim = config.num_heads, config.head_dim
+        if config.memory_type == "deep":
+            self.W1 = nn.Parameter(torch.zeros(heads, dim, config.memory_dim))
+            self.W2 = nn.Parameter(torch.zeros(heads, config.memory_dim, dim))
+        else:
+            self.W = nn.Parameter(torch.zeros(heads, dim, dim))
+
+    def expand(self, batch_size: int) -> Dict[str, torch.Tensor]:
+        return {name: p.unsqueeze(0).expand(batch_size, *p.shape) for name, p in self.named_parameters()}
+
+
+class HopeMemoryMixer(nn.Module):
+    """What the titans and self-modifying mixers share: the non-adaptive stage
+    `a = act(conv(x W_x))`, the static query, the memories' state handling and the output
+    `W_o concat_heads(RMSNorm_head(o))`."""
+
+    memory_names: Tuple[str, ...] = ("mem",)
+
+    def __init__(self, config: HopeConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.in_proj = nn.Linear(d, d, bias=False)
+        self.conv = ShortConvolution(d, config.conv_window)
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.memories = nn.ModuleDict({name: MemoryInitialState(config) for name in self.memory_names})
+        self.o_norm = HopeRMSNorm(config.head_dim, eps=config.rms_norm_eps)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.rule = MemoryRule(config.memory_activation, config.norm_eps, config.in_context_updates)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:-1], self.config.num_heads, self.config.head_dim)
+
+    def features(self, x: torch.Tensor, state: LayerState, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, T, d] -> (a [B, T, H, D], q [B, T, H, D]); updates the conv tail in `state`."""
+        tail = state.get("conv")
+        if tail is None:
+            tail = x.new_zeros(x.shape[0], self.config.conv_window - 1, x.shape[-1])
+        a, state["conv"] = self.conv(self.in_proj(x), tail, mask)
+        a = activation(self.config.memory_activation, a)
+        q = l2norm(self.split_heads(self.q_proj(a)), self.config.norm_eps)
+        return a, q
+
+    def load_memories(self, state: LayerState, batch_size: int):
+        """Chunk-start and current states of every memory, from the cache or the initial states."""
+        start, current = {}, {}
+        for name, initial in self.memories.items():
+            fresh = initial.expand(batch_size)
+            current[name] = {w: state.get(f"mem.{name}.{w}", fresh[w]) for w in fresh}
+            start[name] = {w: state.get(f"mem.{name}.{w}.start", fresh[w]) for w in fresh}
+        return start, current
+
+    def store_memories(self, state: LayerState, start, current) -> None:
+        for name in current:
+            for w, tensor in current[name].items():
+                state[f"mem.{name}.{w}"] = tensor
+                state[f"mem.{name}.{w}.start"] = start[name][w]
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """o: [B, T, H, D] -> [B, T, d]."""
+        return self.o_proj(self.o_norm(o).flatten(-2))
+
+
+class SelfModifyingTitansMixer(HopeMemoryMixer):
+    """Self-modifying Titans (paper Eq. 83-91): k, v, eta, alpha are memories that generate their
+    own values and are updated in context by DGD, like the main memory."""
+
+    memory_names = SELF_MODIFYING_MEMORIES
+
+    def __init__(self, config: HopeConfig) -> None:
+        super().__init__(config)
+        heads, dim = config.num_heads, config.head_dim
+        self.eta_readout = nn.Parameter(torch.zeros(heads, dim))
+        self.eta_bias = nn.Parameter(torch.zeros(heads))
+        self.alpha_readout = nn.Parameter(torch.zeros(heads, dim))
+        self.alpha_bias = nn.Parameter(torch.zeros(heads))
+
+    def forward(self, x: torch.Tensor, state: LayerState, mask: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        a, q = self.features(x, state, mask)
+        start, current = self.load_memories(state, x.shape[0])
+        o, start, current = self_modifying_scan(
+            self.split_heads(a), q, start, current, seen, mask,
+            self.eta_readout, self.eta_bias, self.alpha_readout, self.alpha_bias,
+            self.config.eta_max, self.config.chunk_size, self.config.memory_chunk_size, self.rule,
+        )
+        self.store_memories(state, start, current)
+        return self.output(o)
+
+
+class TitansMixer(HopeMemoryMixer):
+    """Titans with static projections (paper Eq. 76-78) and one DGD-updated memory."""
+
+    def __init__(self, config: HopeConfig) -> None:
+        super().__init__(config)
+        d, heads = config.hidden_size, config.num_heads
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.eta_proj = nn.Linear(d, heads)
+        self.alpha_proj = nn.Linear(d, heads)
+
+    def forward(self, x: torch.Tensor, state: LayerState, mask: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        a, q = self.features(x, state, mask)
+        k = l2norm(self.split_heads(self.k_proj(a)), self.config.norm_eps)
+        v = self.split_heads(self.v_proj(a))
+        eta = self.config.eta_max * torch.sigmoid(self.eta_proj(a))
+        alpha = torch.sigmoid(self.alpha_proj(a))
+        start, current = self.load_memories(state, x.shape[0])
+        o, start, current = titans_scan(q, k, v, eta, alpha, start, current, seen, mask,
+                                        self.config.memory_chunk_size, self.rule)
+        self.store_memories(state, start, current)
+        return self.output(o)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class AttentionMixer(nn.Module):
+    """Causal softmax attention with RoPE and a KV cache (Hope-Attention's mixer), through SDPA.
+
+    Positions count real tokens per sample, and padded keys are masked, so a left-padded batch
+    gives each sequence the logits it has alone."""
+
+    def __init__(self, config: HopeConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(d, d, bias=bias)
+        self.k_proj = nn.Linear(d, d, bias=bias)
+        self.v_proj = nn.Linear(d, d, bias=bias)
+        self.o_proj = nn.Linear(d, d, bias=bias)
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [B, H, T, D]; positions: [B, T]."""
+        freqs = positions.to(self.inv_freq.dtype)[..., None] * self.inv_freq  # [B, T, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        return x * emb.cos().to(x.dtype) + rotate_half(x) * emb.sin().to(x.dtype)
+
+    def forward(self, x: torch.Tensor, state: LayerState, mask: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        heads, dim = self.config.num_heads, self.config.head_dim
+        shape = (batch, length, heads, dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        positions = (seen[:, None] + mask.long().cumsum(1) - 1).clamp(min=0)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        if "keys" in state:
+            k = torch.cat([state["keys"], k], dim=2)
+            v = torch.cat([state["values"], v], dim=2)
+            key_mask = torch.cat([state["key_mask"], mask], dim=1)
+        else:
+            key_mask = mask
+        state["keys"], state["values"], state["key_mask"] = k, v, key_mask
+        past = k.shape[2] - length
+        query_idx = torch.arange(length, device=x.device)[:, None] + past
+        key_idx = torch.arange(k.shape[2], device=x.device)[None, :]
+        # A query always sees itself, so rows of padding tokens are never empty (no NaN).
+        allowed = ((key_idx <= query_idx) & key_mask[:, None, :]) | (key_idx == query_idx)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class CMSLevel(nn.Module):
+    """One Continuum Memory System level: a SwiGLU MLP (Llama's MLP shape, so pretrained MLPs can
+    seed it) whose fast weights are updated every `chunk_size` tokens (None: static level)."""
+
+    def __init__(self, config: HopeConfig, chunk_size: Optional[int]) -> None:
+        super().__init__()
+        self.config = config
+        self.chunk_size = chunk_size
+        d, inner = config.hidden_size, config.cms_hidden_size
+        self.gate_proj = nn.Linear(d, inner, bias=False)
+        self.up_proj = nn.Linear(d, inner, bias=False)
+        self.down_proj = nn.Linear(inner, d, bias=False)
+        if chunk_size is not None:
+            self.value_proj = nn.Linear(d, d, bias=False)  # W_V^l: what the level should store
+            self.eta_logit = nn.Parameter(torch.zeros(()))
+            self.alpha_logit = nn.Parameter(torch.zeros(()))
+
+    def forward(self, n: torch.Tensor, state: LayerState, prefix: str, mask: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """n: [B, T, d] (normalised input) -> [B, T, d]."""
+        if self.chunk_size is None:
+            return self.down_proj(F.silu(self.gate_proj(n)) * self.up_proj(n))
+        batch = n.shape[0]
+        params = {"gate": self.gate_proj.weight, "up": self.up_proj.weight, "down": self.down_proj.weight}
+        theta = {k: state.get(f"{prefix}.{k}", p.unsqueeze(0).expand(batch, *p.shape)) for k, p in params.items()}
+        grad_sum = {k: state.get(f"{prefix}.grad.{k}", n.new_zeros(batch, *p.shape)) for k, p in params.items()}
+        num_updates = state.get(f"{prefix}.num_updates", torch.zeros(batch, dtype=torch.long, device=n.device))
+        y, theta, grad_sum, num_updates = cms_scan(
+            n, theta, grad_sum, num_updates, seen, mask, self.value_proj.weight,
+            F.softplus(self.eta_logit), torch.sigmoid(self.alpha_logit), self.chunk_size,
+            self.config.in_context_updates,
+        )
+        for k in params:
+            state[f"{prefix}.{k}"] = theta[k]
+            state[f"{prefix}.grad.{k}"] = grad_sum[k]
+        state[f"{prefix}.num_updates"] = num_updates
+        return y
+
+
+class ContinuumMemorySystem(nn.Module):
+    """A chain (or a mixture, `cms_variant="independent"`) of CMS levels, fastest first."""
+
+    def __init__(self, config: HopeConfig) -> None:
+        super().__init__()
+        self.variant = config.cms_variant
+        self.levels = nn.ModuleList([CMSLevel(config, size) for size in config.cms_chunk_sizes])
+        num_norms = len(self.levels) if self.variant == "sequential" else min(1, len(self.levels))
+        self.norms = nn.ModuleList([HopeRMSNorm(config.hidden_size, config.rms_norm_eps) for _ in range(num_norms)])
+        if self.variant == "independent" and len(self.levels) > 0:
+            self.level_weights = nn.Parameter(torch.ones(len(self.levels)))
+
+    def forward(self, h: torch.Tensor, state: LayerState, mask: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        if self.variant == "sequential":
+            for i, (norm, level) in enumerate(zip(self.norms, self.levels)):
+                h = h + level(norm(h), state, f"cms.{i}", mask, seen)
+            return h
+        if len(self.levels) == 0:
+            return h
+        n = self.norms[0](h)
+        for i, level in enumerate(self.levels):
+            h = h + self.level_weights[i] * level(n, state, f"cms.{i}", mask, seen)
+        return h
+
+
+MIXER_CLASSES = {"self_modifying": SelfModifyingTitansMixer, "titans": TitansMixer, "attention": AttentionMixer}
+
+
+class HopeBlock(GradientCheckpointingLayer):
+    def __init__(self, config: HopeConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.mixer_norm = HopeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mixer = MIXER_CLASSES[config.mixer](config)
+        self.cms = ContinuumMemorySystem(config)
+
+    def forward(
+        self, hidden_states: torch.Tensor, layer_state: LayerState, mask: torch.Tensor, seen: torch.Tensor
+    ) -> Tuple[torch.Tensor, LayerState]:
+        """hidden_states: [B, T, d]; layer_state: this layer's state (read, not modified);
+        mask: [B, T] bool; seen: [B]. Returns the new hidden states and the new layer state."""
+        state = dict(layer_state)
+        hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), state, mask, seen)
+        hidden_states = self.cms(hidden_states, state, mask, seen)
+        return hidden_states, state
+
+
+class HopePreTrainedModel(PreTrainedModel):
+    config_class = HopeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HopeBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _is_stateful = True
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        config = self.config
+        if isinstance(module, HopeRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, ShortConvolution):
+            # Start near the identity (the current token passes through), plus small noise.
+            identity = torch.zeros_like(module.weight)
+            identity[:, -1] = 1.0
+            init.copy_(module.weight, identity + config.initializer_range * torch.randn_like(identity))
+        elif isinstance(module, MemoryInitialState):
+            if hasattr(module, "W"):
+                eye = torch.eye(config.head_dim).expand_as(module.W)
+                init.copy_(module.W, eye + config.memory_init_range * torch.randn_like(module.W))
+            else:
+                init.normal_(module.W1, std=config.memory_init_range)
+                init.normal_(module.W2, std=config.memory_init_range)
+        elif isinstance(module, SelfModifyingTitansMixer):
+            init.normal_(module.eta_readout, std=config.initializer_range)
+            init.normal_(module.alpha_readout, std=config.initializer_range)
+            init.constant_(module.eta_bias, _logit(config.eta_init))
+            init.constant_(module.alpha_bias, _logit(config.alpha_init))
+        elif isinstance(module, TitansMixer):
+            init.constant_(module.eta_proj.bias, _logit(config.eta_init))
+            init.constant_(module.alpha_proj.bias, _logit(config.alpha_init))
+        elif isinstance(module, CMSLevel) and module.chunk_size is not None:
+            init.constant_(module.eta_logit, _inverse_softplus(config.cms_eta_init))
+            init.constant_(module.alpha_logit, _logit(config.cms_alpha_init))
+        elif isinstance(module, ContinuumMemorySystem) and hasattr(module, "level_weights"):
+            init.constant_(module.level_weights, 1.0 / len(module.levels))
+
+
+class HopeModel(HopePreTrainedModel):
+    def __init__(self, config: HopeConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([HopeBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = HopeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _token_mask(self, attention_mask, batch: int, length: int, past_columns: int, device) -> torch.Tensor:
+        """The [B, T] bool mask of real tokens of this call, from a 2-D attention_mask over either
+        this call's tokens or past + this call's tokens."""
+        if attention_mask is None:
+            return torch.ones(batch, length, dtype=torch.bool, device=device)
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+            raise ValueError(f"attention_mask must be a 2-D [batch, seq_len] tensor of 0/1, got shape {shape}")
+        if attention_mask.shape[0] != batch or attention_mask.shape[1] not in (length, past_columns + length):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected [{batch}, {length}] or "
+                f"[{batch}, {past_columns + length}] (past + new tokens)"
+            )
+        return attention_mask[:, -length:].to(device=device).bool()
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[HopeCache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[BaseModelOutputWithPast, Tuple]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+            inputs_embeds = self.embed_tokens(input_ids)
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(f"inputs_embeds must be [batch, seq_len, {self.config.hidden_size}], "
+                                 f"got shape {tuple(inputs_embeds.shape)}")
+            if not bool(torch.isfinite(inputs_embeds).all()):
+                raise ValueError("inputs_embeds contains NaN or inf")
+        batch, length, _ = inputs_embeds.shape
+        if length == 0:
+            raise ValueError("input_ids/inputs_embeds must hold at least one token")
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if past_key_values is not None and not isinstance(past_key_values, HopeCache):
+            raise TypeError(f"past_key_values must be a HopeCache (HOPE carries fast-weight state, not KV pairs), "
+                            f"got {type(past_key_values).__name__}")
+        if use_cache and past_key_values is None:
+            past_key_values = HopeCache(self.config)
+        if past_key_values is not None:
+            past_key_values.check_compatible(self.config, batch)
+        past_columns = past_key_values.seen_columns if past_key_values is not None else 0
+        mask = self._token_mask(attention_mask, batch, length, past_columns, inputs_embeds.device)
+        if past_key_values is not None and past_key_values.seen_tokens is not None:
+            seen = past_key_values.seen_tokens.to(inputs_embeds.device)
+        else:
+            seen = torch.zeros(batch, dtype=torch.long, device=inputs_embeds.device)
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        for i, block in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            layer_state = past_key_values.layers[i].state if past_key_values is not None else {}
+            hidden_states, new_state = block(hidden_states, layer_state, mask, seen)
+            if past_key_values is not None:
+                past_key_values.layers[i].state = new_state
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        if past_key_values is not None:
+            past_key_values.seen_tokens = seen + mask.long().sum(1)
+            past_key_values.seen_columns = past_columns + length
+
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HopeConfig) -> None:
+        super().__init__(config)
+        self.model = HopeModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[HopeCache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        **kwargs,
+    ) -> Union[CausalLMOutputWithPast, Tuple]:
+        r"""labels: [B, T] token ids (or -100 to ignore); the model shifts them internally."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        kwargs.pop("output_attentions", None)  # HOPE's memories have no attention maps to return
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        output = CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+        return output if return_dict else output.to_tuple()
+
+    # --- generate() integration (see HF-NOTES.md) ------------------------------------------------
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+        user_cache = model_kwargs.get("past_key_values")
+        if user_cache is not None:
+            if not isinstance(user_cache, HopeCache):
+                raise TypeError(f"past_key_values must be a HopeCache, got {type(user_cache).__name__}")
+            if generation_config.cache_implementation is not None:
+                raise ValueError("Pass either cache_implementation or past_key_values to generate(), not both")
+            user_cache._is_user_defined = True
+            return
+        if generation_config.cache_implementation is not None:
+            raise ValueError(f"HOPE models carry their own HopeCache; cache_implementation="
+                             f"{generation_config.cache_implementation!r} is not supported (leave it None)")
+        if generation_config.use_cache is False:
+            return
+        model_kwargs["past_key_values"] = HopeCache(self.config)
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
+        # generate() expands inputs for beams / num_return_sequences but not a cache passed in by
+        # the user: expand its per-sample state the same way.
+        cache = model_kwargs.get("past_key_values")
+        if expand_size > 1 and isinstance(cache, HopeCache) and cache.is_initialized:
+            cache.batch_repeat_interleave(expand_size)
+        return super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+
+
+__all__ = ["HopePreTrainedModel", "HopeModel", "HopeForCausalLM"]

@@ -1,0 +1,195 @@
+"""The executable per-token reference of SPEC section 7.
+
+Plain loops over tokens, vectorised over batch and heads, that read like the equations. Each
+function is the boundary a fast path plugs into: it takes a span of tokens, the state at the
+start of the span (chunk-start states *and* current states, since a span may begin mid-chunk)
+and the per-sample token counters, and returns the outputs and the state at the end of the span.
+
+Chunks are counted per sample from the first real token of the stream: `seen [B]` is the number
+of real tokens each sample has processed before the span; a token with `mask == False`
+(padding) changes no state and no counter.
+
+(These modules are flat siblings of `modeling_hope.py`, not an `ops/` package, because
+`register_for_auto_class` copies a model's relative imports flat into the checkpoint.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+
+from .memory_hope import MemoryState, dgd_step, l2norm, memory_gradients, memory_read, select_state
+
+MemoryStates = Dict[str, MemoryState]
+
+
+@dataclass
+class MemoryRule:
+    """Static settings of the in-context update."""
+
+    activation: str
+    eps: float
+    updates: bool  # False: the in-context-learning ablation, memories stay at their initial state
+
+
+def _advance(
+    rule: MemoryRule,
+    name: str,
+    chunk: int,
+    start: MemoryStates,
+    current: MemoryStates,
+    new_current: MemoryState,
+    active: torch.Tensor,
+    counter_after: torch.Tensor,
+) -> None:
+    """Commit one token's update for the samples where it is real, and promote the current state
+    to chunk-start state for the samples whose chunk just completed."""
+    current[name] = select_state(active, new_current, current[name])
+    boundary = active & (counter_after % chunk == 0)
+    start[name] = select_state(boundary, current[name], start[name])
+
+
+def self_modifying_scan(
+    a: torch.Tensor,
+    q: torch.Tensor,
+    start: MemoryStates,
+    current: MemoryStates,
+    seen: torch.Tensor,
+    mask: torch.Tensor,
+    eta_readout: torch.Tensor,
+    eta_bias: torch.Tensor,
+    alpha_readout: torch.Tensor,
+    alpha_bias: torch.Tensor,
+    eta_max: float,
+    chunk_size: int,
+    memory_chunk_size: int,
+    rule: MemoryRule,
+) -> Tuple[torch.Tensor, MemoryStates, MemoryStates]:
+    """Self-modifying Titans (paper Eq. 83-91), one token at a time.
+
+    a, q: [B, T, H, D] (non-adaptive features and l2-normalised queries); mask: [B, T] bool;
+    seen: [B]; readouts [H, D], biases [H]. `start`/`current`: memory name -> state, names
+    `k, v, eta, alpha, mem`. Returns the reads `o` [B, T, H, D] and the end states.
+    """
+    start, current = dict(start), dict(current)
+    chunks = {name: (memory_chunk_size if name == "mem" else chunk_size) for name in start}
+    counter = seen.clone()
+    outputs = []
+    for t in range(a.shape[1]):
+        a_t, q_t, active = a[:, t], q[:, t], mask[:, t]
+        # Every read and self-generated value uses the chunk-start state (paper Eq. 90).
+        k_t = l2norm(memory_read(start["k"], a_t, rule.activation), rule.eps)
+        v_t = memory_read(start["v"], a_t, rule.activation)
+        eta_t = eta_max * torch.sigmoid(
+            (memory_read(start["eta"], a_t, rule.activation) * eta_readout).sum(-1) + eta_bias
+        )
+        alpha_t = torch.sigmoid(
+            (memory_read(start["alpha"], a_t, rule.activation) * alpha_readout).sum(-1) + alpha_bias
+        )
+        outputs.append(memory_read(start["mem"], q_t, rule.activation))
+        if not rule.updates:
+            continue
+        counter = counter + active.long()
+        for name in start:
+            target = memory_read(start[name], v_t, rule.activation)  # self-generated value
+            grads, inputs = memory_gradients(start[name], k_t, target, rule.activation)
+            new = dgd_step(current[name], grads, inputs, eta_t, alpha_t, rule.eps)
+            _advance(rule, name, chunks[name], start, current, new, active, counter)
+    return torch.stack(outputs, dim=1), start, current
+
+
+def titans_scan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eta: torch.Tensor,
+    alpha: torch.Tensor,
+    start: MemoryStates,
+    current: MemoryStates,
+    seen: torch.Tensor,
+    mask: torch.Tensor,
+    memory_chunk_size: int,
+    rule: MemoryRule,
+) -> Tuple[torch.Tensor, MemoryStates, MemoryStates]:
+    """Titans with static projections (paper Eq. 76-78) and the DGD update of one memory `mem`.
+
+    q, k, v: [B, T, H, D]; eta, alpha: [B, T, H]; mask: [B, T]; seen: [B]."""
+    start, current = dict(start), dict(current)
+    counter = seen.clone()
+    outputs = []
+    for t in range(q.shape[1]):
+        active = mask[:, t]
+        outputs.append(memory_read(start["mem"], q[:, t], rule.activation))
+        if not rule.updates:
+            continue
+        counter = counter + active.long()
+        grads, inputs = memory_gradients(start["mem"], k[:, t], v[:, t], rule.activation)
+        new = dgd_step(current["mem"], grads, inputs, eta[:, t], alpha[:, t], rule.eps)
+        _advance(rule, "mem", memory_chunk_size, start, current, new, active, counter)
+    return torch.stack(outputs, dim=1), start, current
+
+
+def swiglu(weights: Dict[str, torch.Tensor], n: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Per-sample SwiGLU `down(silu(gate n) * up n)`. n: [B, Dm]; gate/up: [B, I, Dm]; down: [B, Dm, I].
+    Returns (output [B, Dm], gate pre-activation, up, hidden)."""
+    gate = torch.einsum("bid,bd->bi", weights["gate"], n)
+    up = torch.einsum("bid,bd->bi", weights["up"], n)
+    hidden = torch.nn.functional.silu(gate) * up
+    return torch.einsum("bdi,bi->bd", weights["down"], hidden), gate, up, hidden
+
+
+def swiglu_gradients(weights: Dict[str, torch.Tensor], n: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Gradient of `1/2 || swiglu(n) - target ||^2` w.r.t. gate, up, down (hand-derived)."""
+    out, gate, up, hidden = swiglu(weights, n)
+    error = out - target
+    grad_hidden = torch.einsum("bdi,bd->bi", weights["down"], error)
+    sig = torch.sigmoid(gate)
+    grad_gate = grad_hidden * up * sig * (1 + gate * (1 - sig))
+    grad_up = grad_hidden * torch.nn.functional.silu(gate)
+    return {
+        "gate": grad_gate.unsqueeze(-1) * n.unsqueeze(-2),
+        "up": grad_up.unsqueeze(-1) * n.unsqueeze(-2),
+        "down": error.unsqueeze(-1) * hidden.unsqueeze(-2),
+    }
+
+
+def cms_scan(
+    n: torch.Tensor,
+    theta: Dict[str, torch.Tensor],
+    grad_sum: Dict[str, torch.Tensor],
+    num_updates: torch.Tensor,
+    seen: torch.Tensor,
+    mask: torch.Tensor,
+    value_weight: torch.Tensor,
+    eta: torch.Tensor,
+    alpha: torch.Tensor,
+    chunk_size: int,
+    updates: bool,
+):
+    """One Continuum Memory System level (paper Eq. 31, SPEC section 4), one token at a time.
+
+    Tokens of a chunk are processed with the chunk-start fast weights `theta`; the gradients of
+    `1/2 ||MLP_theta(n_t) - n_t W_V||^2` are summed over the chunk and applied when it completes:
+    `theta <- alpha * theta - eta * sum`. n: [B, T, Dm]; mask: [B, T]; seen, num_updates: [B];
+    value_weight: [Dm, Dm] (nn.Linear layout); eta, alpha: scalars.
+    Returns (y [B, T, Dm], theta, grad_sum, num_updates).
+    """
+    theta, grad_sum = dict(theta), dict(grad_sum)
+    counter = seen.clone()
+    outputs = []
+    for t in range(n.shape[1]):
+        n_t, active = n[:, t], mask[:, t]
+        outputs.append(swiglu(theta, n_t)[0])
+        if not updates:
+            continue
+        grads = swiglu_gradients(theta, n_t, n_t @ value_weight.t())
+        keep = active.to(n.dtype).view(-1, 1, 1)
+        grad_sum = {name: grad_sum[name] + keep * grads[name] for name in grads}
+        counter = counter + active.long()
+        boundary = (active & (counter % chunk_size == 0)).view(-1, 1, 1)
+        theta = {name: torch.where(boundary, alpha * theta[name] - eta * grad_sum[name], theta[name]) for name in theta}
+        grad_sum = {name: torch.where(boundary, torch.zeros_like(g), g) for name, g in grad_sum.items()}
+        num_updates = num_updates + boundary.view(-1).long()
+    return torch.stack(outputs, dim=1), theta, grad_sum, num_updates
