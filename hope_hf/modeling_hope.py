@@ -11,6 +11,10 @@ lives in `memory_hope.py` (read, gradient, DGD update) and `ops_reference.py` (t
 from __future__ import annotations
 
 import math
+import os
+import re
+import shutil
+import tempfile
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -341,6 +345,33 @@ class HopePreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     _is_stateful = True
     _supports_sdpa = True
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, made atomic: everything is written to a temporary
+        sibling folder first and moved in only when complete, so a failed save (full disk,
+        interrupted process) never leaves a half-written checkpoint that would load."""
+        target = os.path.abspath(os.fspath(save_directory))
+        if os.path.isfile(target):
+            raise OSError(f"save_directory {target!r} is a file, not a folder")
+        parent = os.path.dirname(target)
+        os.makedirs(parent, exist_ok=True)
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", os.path.basename(target))
+        staging = tempfile.mkdtemp(prefix=".hope-save-", dir=parent)
+        try:
+            super().save_pretrained(staging, *args, **kwargs)
+            os.makedirs(target, exist_ok=True)
+            written = set(os.listdir(staging))
+            for name in os.listdir(target):  # weights of an older save that this one does not overwrite
+                if name not in written and re.match(r"(model|pytorch_model).*\.(safetensors|bin|json)$", name):
+                    os.remove(os.path.join(target, name))
+            for name in written:
+                destination = os.path.join(target, name)
+                if os.path.isdir(destination):
+                    shutil.rmtree(destination)
+                os.replace(os.path.join(staging, name), destination)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
