@@ -113,7 +113,9 @@ class HopeConfig(PretrainedConfig):
         self.eta_init = eta_init
         self.alpha_init = alpha_init
         self.conv_window = conv_window
-        self.cms_chunk_sizes = list(cms_chunk_sizes) if cms_chunk_sizes is not None else []
+        if cms_chunk_sizes is None:
+            cms_chunk_sizes = []
+        self.cms_chunk_sizes = list(cms_chunk_sizes) if isinstance(cms_chunk_sizes, (list, tuple)) else cms_chunk_sizes
         self.cms_intermediate_size = cms_intermediate_size
         self.cms_variant = cms_variant
         self.cms_eta_init = cms_eta_init
