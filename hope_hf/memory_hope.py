@@ -88,7 +88,10 @@ def dgd_step(
 ) -> MemoryState:
     """One Delta Gradient Descent step (paper Eq. 88/91), for every weight W of a memory:
 
-        W_t = W_{t-1} (alpha I - eta u~ u~^T) - eta * grad,   u~ = u / ||u||
+        W_t = W_{t-1} (alpha I - eta u~ u~^T) - eta / max(1, ||u||^2) * grad,   u~ = u / ||u||
+
+    (the `max(1, ||u||^2)` normalisation is a stability choice on top of SPEC section 3; it is
+    the identity for unit-norm inputs, i.e. for linear memories and every memory's W2.)
 
     `current` holds `W_{t-1}`; `grads` were evaluated at the chunk-start state. eta, alpha: [B, H].
     """
@@ -96,9 +99,15 @@ def dgd_step(
     alpha_ = alpha[..., None, None]
     new = {}
     for name, weight in current.items():
-        unit = l2norm(layer_inputs[name], eps)  # [B, H, in]
+        inputs = layer_inputs[name]  # [B, H, in]
+        unit = l2norm(inputs, eps)
         projected = torch.einsum("bhoi,bhi->bho", weight, unit)
-        new[name] = alpha_ * weight - eta_ * projected.unsqueeze(-1) * unit.unsqueeze(-2) - eta_ * grads[name]
+        # Normalised step (NLMS): the gradient term contracts W along u by eta * ||u||^2, which
+        # for a deep memory's hidden input (||u|| >> 1) would flip and blow up the state;
+        # dividing by max(1, ||u||^2) keeps every step a contraction. Unit inputs (l2-normalised
+        # keys, linear memory) are unchanged.
+        step = eta_ / (inputs * inputs).sum(-1).clamp(min=1.0)[..., None, None]
+        new[name] = alpha_ * weight - eta_ * projected.unsqueeze(-1) * unit.unsqueeze(-2) - step * grads[name]
     return new
 
 

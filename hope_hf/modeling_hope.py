@@ -389,8 +389,10 @@ class HopePreTrainedModel(PreTrainedModel):
                 eye = torch.eye(config.head_dim).expand_as(module.W)
                 init.copy_(module.W, eye + config.memory_init_range * torch.randn_like(module.W))
             else:
+                # W2 at fan-in scale so the hidden layer is O(1) and the inner gradient of W1
+                # (error x hidden) can write; W1 small so that M starts near the identity.
                 init.normal_(module.W1, std=config.memory_init_range)
-                init.normal_(module.W2, std=config.memory_init_range)
+                init.normal_(module.W2, std=config.head_dim**-0.5)
         elif isinstance(module, SelfModifyingTitansMixer):
             init.normal_(module.eta_readout, std=config.initializer_range)
             init.normal_(module.alpha_readout, std=config.initializer_range)

@@ -35,7 +35,6 @@ class MemoryRule:
 
 
 def _advance(
-    rule: MemoryRule,
     name: str,
     chunk: int,
     start: MemoryStates,
@@ -96,7 +95,7 @@ def self_modifying_scan(
             target = memory_read(start[name], v_t, rule.activation)  # self-generated value
             grads, inputs = memory_gradients(start[name], k_t, target, rule.activation)
             new = dgd_step(current[name], grads, inputs, eta_t, alpha_t, rule.eps)
-            _advance(rule, name, chunks[name], start, current, new, active, counter)
+            _advance(name, chunks[name], start, current, new, active, counter)
     return torch.stack(outputs, dim=1), start, current
 
 
@@ -127,7 +126,7 @@ def titans_scan(
         counter = counter + active.long()
         grads, inputs = memory_gradients(start["mem"], k[:, t], v[:, t], rule.activation)
         new = dgd_step(current["mem"], grads, inputs, eta[:, t], alpha[:, t], rule.eps)
-        _advance(rule, "mem", memory_chunk_size, start, current, new, active, counter)
+        _advance("mem", memory_chunk_size, start, current, new, active, counter)
     return torch.stack(outputs, dim=1), start, current
 
 
