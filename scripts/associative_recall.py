@@ -3,7 +3,7 @@
 Random key->value pairs, then queries of the keys; the loss and accuracy are measured only at
 the answers. A model that cannot write its memory in context can only guess (~1/num_values).
 
-    python scripts/associative_recall.py --steps 300 --out runs/associative_recall
+    python scripts/associative_recall.py --steps 200 --out runs/associative_recall
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=64)
