@@ -123,3 +123,26 @@ def test_cache_refused_for_other_config(tmp_path):
         tiny_model(seed=0, memory_type="linear")(ids(), past_key_values=cache)
     with pytest.raises(ValueError, match="batch size"):
         model(ids(batch=3), past_key_values=cache)
+
+
+def test_cache_batch_operations_are_per_sample():
+    model = tiny_model(seed=9, dtype=torch.float64)
+    x = ids(seed=10, length=11, batch=3)
+    follow = ids(seed=11, length=4, batch=3)
+    with torch.no_grad():
+        cache = model(x, use_cache=True).past_key_values
+        expected = model(follow, past_key_values=cache).logits
+        # select samples 2 and 0 from a fresh cache: each continues as it would in the full batch
+        cache = model(x, use_cache=True).past_key_values
+        cache.batch_select_indices(torch.tensor([2, 0]))
+        assert cache.batch_size == 2
+        got = model(follow[[2, 0]], past_key_values=cache).logits
+        torch.testing.assert_close(got, expected[[2, 0]], atol=1e-12, rtol=0)
+        # repeat_interleave then reorder: sample order follows the index
+        cache = model(x[:1], use_cache=True).past_key_values
+        cache.batch_repeat_interleave(2)
+        cache.reorder_cache(torch.tensor([1, 0]))
+        got = model(follow[[0, 0]], past_key_values=cache).logits
+        torch.testing.assert_close(got, expected[[0, 0]], atol=1e-12, rtol=0)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.batch_size == -1 and not cache.layers[0].state
