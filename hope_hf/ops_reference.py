@@ -91,8 +91,12 @@ def self_modifying_scan(
         if not rule.updates:
             continue
         counter = counter + active.long()
+        # [choice] The self-generated values are M_X(v / ||v||): with an unnormalised v the target
+        # M_X[S](v) feeds the memory's own state back multiplied by eta * ||v|| every token, an
+        # exponential blow-up once the outer optimiser grows ||v|| (seen as NaN in training).
+        v_unit = l2norm(v_t, rule.eps)
         for name in start:
-            target = memory_read(start[name], v_t, rule.activation)  # self-generated value
+            target = memory_read(start[name], v_unit, rule.activation)  # self-generated value
             grads, inputs = memory_gradients(start[name], k_t, target, rule.activation)
             new = dgd_step(current[name], grads, inputs, eta_t, alpha_t, rule.eps)
             _advance(name, chunks[name], start, current, new, active, counter)
