@@ -21,6 +21,11 @@ import torch
 from transformers.cache_utils import Cache
 
 
+def signature_diff(cached: dict, expected: dict) -> dict:
+    """The fields where two state signatures differ: name -> (cached, expected)."""
+    return {k: (cached.get(k), v) for k, v in expected.items() if cached.get(k) != v}
+
+
 class HopeCacheLayer:
     """State of one `HopeBlock`: a flat dict of batch-first tensors."""
 
@@ -129,15 +134,12 @@ class HopeCache(Cache):
         self.seen_tokens = None
         self.seen_columns = 0
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError("HopeCache cannot be cropped: fast weights cannot forget the tokens they have learned from")
-
     # --- validation -----------------------------------------------------------------------------
     def check_compatible(self, config, batch_size: int) -> None:
         """Raise ValueError if this cache was made for another config or batch size."""
         signature = config.state_signature()
         if signature != self.signature:
-            diff = {k: (self.signature.get(k), v) for k, v in signature.items() if self.signature.get(k) != v}
+            diff = signature_diff(self.signature, signature)
             raise ValueError(f"past_key_values is a HopeCache made for another model config; differing fields "
                              f"(cache, model): {diff}")
         if self.seen_tokens is not None and self.seen_tokens.shape[0] != batch_size:
@@ -179,7 +181,7 @@ class HopeCache(Cache):
             saved = json.loads(metadata["signature"])
             cache = cls(config)
             if saved != cache.signature:
-                diff = {k: (saved.get(k), v) for k, v in cache.signature.items() if saved.get(k) != v}
+                diff = signature_diff(saved, cache.signature)
                 raise ValueError(f"{path} holds a HopeCache for another config; differing fields (file, config): {diff}")
             cache.seen_columns = int(metadata["seen_columns"])
             for key in f.keys():

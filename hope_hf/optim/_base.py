@@ -18,6 +18,7 @@ schedulers (which scale `group["lr"]`) act on both rules.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -120,7 +121,7 @@ def _tensor_of(p: Any) -> Tensor:
     return p[1] if isinstance(p, tuple) else p
 
 
-class MatrixOptimizer(torch.optim.Optimizer):
+class MatrixOptimizer(torch.optim.Optimizer, ABC):
     """Base class: the matrix rule of a subclass on `use_muon` groups, AdamW on the others.
 
     Subclasses implement `_matrix_update` (and `_check_matrix_group` for their
@@ -181,9 +182,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
         _check_adamw({**group, "lr": group["adamw_lr"], "weight_decay": group["adamw_weight_decay"]})
 
     # ------------------------------------------------------------------ step
+    @abstractmethod
     def _matrix_update(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """Apply the subclass's rule to the matrix parameter `p` (in place, under no_grad)."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
