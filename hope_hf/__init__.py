@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache_hope import HopeCache
 from .configuration_hope import HopeConfig
-from .modeling_hope import HopeForCausalLM, HopeModel, HopePreTrainedModel
+from .modeling_hope import HopeForCausalLM, HopeModel, HopePreTrainedModel, scan_implementation
 
 __version__ = "0.1.0"
 
@@ -16,4 +16,4 @@ AutoConfig.register("hope", HopeConfig, exist_ok=True)
 AutoModel.register(HopeConfig, HopeModel, exist_ok=True)
 AutoModelForCausalLM.register(HopeConfig, HopeForCausalLM, exist_ok=True)
 
-__all__ = ["HopeConfig", "HopeModel", "HopeForCausalLM", "HopePreTrainedModel", "HopeCache"]
+__all__ = ["HopeConfig", "HopeModel", "HopeForCausalLM", "HopePreTrainedModel", "HopeCache", "scan_implementation"]

@@ -157,7 +157,9 @@ class HopeCache(Cache):
         tensors = {"seen_tokens": self.seen_tokens.detach().contiguous().cpu()}
         for i, layer in enumerate(self.layers):
             for name, tensor in layer.state.items():
-                tensors[f"layers.{i}.{name}"] = tensor.detach().contiguous().cpu()
+                # clone: a chunk-start state may be the current state itself (a chunk just
+                # completed), and safetensors refuses tensors that share memory.
+                tensors[f"layers.{i}.{name}"] = tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
         metadata = {"signature": json.dumps(self.signature, sort_keys=True), "seen_columns": str(self.seen_columns),
                     "format": "hope-cache-v1"}
         path = os.fspath(path)

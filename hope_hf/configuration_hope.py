@@ -16,6 +16,7 @@ MEMORY_TYPES = ("deep", "linear")
 CMS_VARIANTS = ("sequential", "independent")
 ACTIVATIONS = ("silu", "gelu", "tanh")
 SELF_MODIFYING_MEMORIES = ("k", "v", "eta", "alpha", "mem")
+SCAN_IMPLEMENTATIONS = ("chunked", "reference")
 
 
 class HopeConfig(PretrainedConfig):
@@ -47,6 +48,10 @@ class HopeConfig(PretrainedConfig):
             the same input, outputs mixed with learned weights, paper Eq. 74).
         cms_eta_init: Initial inner learning rate `eta_l = softplus(.)` of the CMS levels.
         cms_alpha_init: Initial retention `alpha_l = sigmoid(.)` of the CMS levels.
+        scan_implementation: How the memories and CMS levels are computed: `"chunked"` (default,
+            chunk-parallel, `ops_chunked.py`) or `"reference"` (the per-token loop of
+            `ops_reference.py` that reads like the equations). Both give the same outputs and
+            states; `hope_hf.scan_implementation(name)` overrides it for a block of code.
         in_context_updates: If `False`, no memory and no CMS level is ever updated inside the
             forward pass (the ablation "without in-context learning"): memories are read at their
             initial state.
@@ -86,6 +91,7 @@ class HopeConfig(PretrainedConfig):
         cms_eta_init: float = 1e-3,
         cms_alpha_init: float = 0.999,
         in_context_updates: bool = True,
+        scan_implementation: str = "chunked",
         rms_norm_eps: float = 1e-6,
         norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
@@ -121,6 +127,7 @@ class HopeConfig(PretrainedConfig):
         self.cms_eta_init = cms_eta_init
         self.cms_alpha_init = cms_alpha_init
         self.in_context_updates = in_context_updates
+        self.scan_implementation = scan_implementation
         self.rms_norm_eps = rms_norm_eps
         self.norm_eps = norm_eps
         self.initializer_range = initializer_range
@@ -181,6 +188,7 @@ class HopeConfig(PretrainedConfig):
         choice("memory_type", self.memory_type, MEMORY_TYPES)
         choice("memory_activation", self.memory_activation, ACTIVATIONS)
         choice("cms_variant", self.cms_variant, CMS_VARIANTS)
+        choice("scan_implementation", self.scan_implementation, SCAN_IMPLEMENTATIONS)
         if self.mixer == "attention" and self.head_dim % 2 != 0:
             raise ValueError(f"HopeConfig: mixer='attention' needs an even head_dim (RoPE), got {self.head_dim}")
         if not isinstance(self.eta_max, (int, float)) or not 0.0 < self.eta_max <= 1.0:

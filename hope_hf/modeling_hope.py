@@ -10,6 +10,7 @@ lives in `memory_hope.py` (read, gradient, DGD update) and `ops_reference.py` (t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -28,9 +29,41 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .cache_hope import HopeCache
 from .configuration_hope import SELF_MODIFYING_MEMORIES, HopeConfig
 from .memory_hope import activation, l2norm
+from .ops_chunked import cms_chunked, self_modifying_chunked, titans_chunked
 from .ops_reference import MemoryRule, cms_scan, self_modifying_scan, titans_scan
 
 LayerState = Dict[str, torch.Tensor]
+
+# scan_implementation -> (self-modifying, titans, CMS) scans; all share one signature per kind.
+SCANS = {
+    "chunked": (self_modifying_chunked, titans_chunked, cms_chunked),
+    "reference": (self_modifying_scan, titans_scan, cms_scan),
+}
+_scan_override: Optional[str] = None
+
+
+@contextlib.contextmanager
+def scan_implementation(name: str):
+    """Run every HOPE model in this block with the given scan implementation, whatever its config
+    says: `with scan_implementation("reference"): model(ids)` runs the per-token reference loop."""
+    global _scan_override
+    if name not in SCANS:
+        raise ValueError(f"scan_implementation must be one of {list(SCANS)}, got {name!r}")
+    previous, _scan_override = _scan_override, name
+    try:
+        yield
+    finally:
+        _scan_override = previous
+
+
+def get_scans(config: HopeConfig):
+    return SCANS[_scan_override or config.scan_implementation]
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Fast weights are kept in float32 (or float64) even when the parameters are half precision:
+    thousands of small DGD steps would be rounded away in bf16."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _logit(p: float) -> float:
@@ -94,7 +127,8 @@ class MemoryInitialState(nn.Module):
             self.W = nn.Parameter(torch.zeros(heads, dim, dim))
 
     def expand(self, batch_size: int) -> Dict[str, torch.Tensor]:
-        return {name: p.unsqueeze(0).expand(batch_size, *p.shape) for name, p in self.named_parameters()}
+        return {name: p.to(state_dtype(p.dtype)).unsqueeze(0).expand(batch_size, *p.shape)
+                for name, p in self.named_parameters()}
 
 
 class HopeMemoryMixer(nn.Module):
@@ -166,7 +200,7 @@ class SelfModifyingTitansMixer(HopeMemoryMixer):
     def forward(self, x: torch.Tensor, state: LayerState, mask: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         a, q = self.features(x, state, mask)
         start, current = self.load_memories(state, x.shape[0])
-        o, start, current = self_modifying_scan(
+        o, start, current = get_scans(self.config)[0](
             self.split_heads(a), q, start, current, seen, mask,
             self.eta_readout, self.eta_bias, self.alpha_readout, self.alpha_bias,
             self.config.eta_max, self.config.chunk_size, self.config.memory_chunk_size, self.rule,
@@ -193,7 +227,7 @@ class TitansMixer(HopeMemoryMixer):
         eta = self.config.eta_max * torch.sigmoid(self.eta_proj(a))
         alpha = torch.sigmoid(self.alpha_proj(a))
         start, current = self.load_memories(state, x.shape[0])
-        o, start, current = titans_scan(q, k, v, eta, alpha, start, current, seen, mask,
+        o, start, current = get_scans(self.config)[1](q, k, v, eta, alpha, start, current, seen, mask,
                                         self.config.memory_chunk_size, self.rule)
         self.store_memories(state, start, current)
         return self.output(o)
@@ -275,10 +309,12 @@ class CMSLevel(nn.Module):
             return self.down_proj(F.silu(self.gate_proj(n)) * self.up_proj(n))
         batch = n.shape[0]
         params = {"gate": self.gate_proj.weight, "up": self.up_proj.weight, "down": self.down_proj.weight}
-        theta = {k: state.get(f"{prefix}.{k}", p.unsqueeze(0).expand(batch, *p.shape)) for k, p in params.items()}
-        grad_sum = {k: state.get(f"{prefix}.grad.{k}", n.new_zeros(batch, *p.shape)) for k, p in params.items()}
+        theta = {k: state.get(f"{prefix}.{k}", p.to(state_dtype(p.dtype)).unsqueeze(0).expand(batch, *p.shape))
+                 for k, p in params.items()}
+        # None: no partial chunk pending (saves adding zeros to the first chunk's gradient).
+        grad_sum = {k: state[f"{prefix}.grad.{k}"] for k in params} if f"{prefix}.grad.gate" in state else None
         num_updates = state.get(f"{prefix}.num_updates", torch.zeros(batch, dtype=torch.long, device=n.device))
-        y, theta, grad_sum, num_updates = cms_scan(
+        y, theta, grad_sum, num_updates = get_scans(self.config)[2](
             n, theta, grad_sum, num_updates, seen, mask, self.value_proj.weight,
             F.softplus(self.eta_logit), torch.sigmoid(self.alpha_logit), self.chunk_size,
             self.config.in_context_updates,

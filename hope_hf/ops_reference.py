@@ -16,7 +16,7 @@ of real tokens each sample has processed before the span; a token with `mask == 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -161,7 +161,7 @@ def swiglu_gradients(weights: Dict[str, torch.Tensor], n: torch.Tensor, target: 
 def cms_scan(
     n: torch.Tensor,
     theta: Dict[str, torch.Tensor],
-    grad_sum: Dict[str, torch.Tensor],
+    grad_sum: Optional[Dict[str, torch.Tensor]],
     num_updates: torch.Tensor,
     seen: torch.Tensor,
     mask: torch.Tensor,
@@ -179,6 +179,8 @@ def cms_scan(
     value_weight: [Dm, Dm] (nn.Linear layout); eta, alpha: scalars.
     Returns (y [B, T, Dm], theta, grad_sum, num_updates).
     """
+    if grad_sum is None:  # no partial chunk pending
+        grad_sum = {name: torch.zeros_like(w.expand(n.shape[0], *w.shape[1:])) for name, w in theta.items()}
     theta, grad_sum = dict(theta), dict(grad_sum)
     counter = seen.clone()
     outputs = []

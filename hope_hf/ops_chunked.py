@@ -1,0 +1,439 @@
+"""The chunk-parallel fast path of SPEC section 3-4: same inputs, outputs and end states as the
+per-token scans of `ops_reference.py`, computed a chunk at a time.
+
+Why it is possible (SPEC section 3): inside a chunk every read, key, value, learning rate and
+inner gradient uses the chunk-start state `S`, so all of them are computed for the whole chunk
+at once from `S`, and the only sequential object is the current state `W`, whose DGD update
+
+    W_t = W_{t-1} (alpha_t I - eta_t u~_t u~_t^T) - eta_t / max(1, ||u_t||^2) * e_t u_t^T
+
+(`memory_hope.dgd_step`; `e_t` the gradient's output factor, `u_t` the layer input) is a linear
+recurrence with rank-1 transitions. `dgd_chunk` gives its end-of-chunk state in closed form
+(the WY / UT form of the gated delta rule) with one triangular solve. A CMS level is simpler:
+its fast weights change only at chunk ends, by the chunk's summed gradient (one matmul).
+
+Chunks are counted per sample from its first real token, and padding (mask False) does not
+advance a sample, so different samples can be at different places of their chunks. `ChunkGrid`
+puts every sample's real tokens at its stream position modulo the chunk layout, so chunk
+boundaries line up across the batch; fillers are tokens with `eta = 0`, `alpha = 1` (no-ops).
+Outputs at padding positions are zero here (the reference computes a read there); nothing
+downstream reads them.
+
+(A flat sibling of `modeling_hope.py`, like `ops_reference.py`: `register_for_auto_class` copies
+relative imports flat into a checkpoint.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .memory_hope import MemoryState, activation, activation_derivative, l2norm
+from .ops_reference import MemoryRule
+
+MemoryStates = Dict[str, MemoryState]
+
+# Log-retention floor: alpha = 0 (a full reset) stays finite in the log domain (exp(-1e4) == 0).
+_LOG_ALPHA_MIN = -1.0e4
+
+
+class ChunkGrid:
+    """Aligns a span of tokens on the chunk grid of size `chunk_size`.
+
+    A sample that has seen `seen` real tokens puts its `r`-th real token of the span at stream
+    position `seen % chunk_size + r`; chunk boundaries are the multiples of `chunk_size` for every
+    sample. The grid covers positions `[lo, hi)` (the union over samples) and is cut into
+    `segments` at the boundaries: the first may start mid-chunk, the last may end mid-chunk.
+
+    seen: [B] real tokens before the span; mask: [B, T] bool (True = real token).
+    """
+
+    def __init__(self, seen: torch.Tensor, mask: torch.Tensor, chunk_size: int) -> None:
+        batch, length = mask.shape
+        self.chunk_size = chunk_size
+        offset = seen % chunk_size  # [B]
+        counts = mask.long().sum(1)  # [B]
+        self.uniform = bool(mask.all()) and bool((offset == offset[0]).all())
+        if self.uniform:
+            lo, hi = int(offset[0]), int(offset[0]) + length
+        else:
+            lo = int(offset.min())
+            hi = max(lo, int((offset + counts).max()))
+            position = offset[:, None] + mask.long().cumsum(1) - 1  # [B, T]
+            # Padding goes to a trash slot at index `length` that is dropped.
+            self.index = torch.where(mask, position - lo, torch.full_like(position, hi - lo))
+        self.lo, self.length = lo, hi - lo
+        position = torch.arange(lo, hi, device=mask.device)
+        end = offset + counts
+        # [B, L]: whether grid position holds a real token of the sample (None: all do).
+        self.active = None if self.uniform else (position >= offset[:, None]) & (position < end[:, None])
+        self.segments: List[Tuple[int, int]] = []
+        start = lo
+        while start < hi:
+            stop = min(hi, (start // chunk_size + 1) * chunk_size)
+            self.segments.append((start - lo, stop - lo))
+            start = stop
+        # Per segment, the samples whose chunk completes at its end (a bool [B], or a Python bool
+        # when it is the same for every sample).
+        self.completes: List[object] = []
+        for seg_start, seg_stop in self.segments:
+            absolute = seg_stop + lo
+            if absolute % chunk_size != 0:
+                self.completes.append(False)
+            elif self.uniform:
+                self.completes.append(True)
+            else:
+                done = end >= absolute
+                self.completes.append(bool(done.all()) or (done if bool(done.any()) else False))
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [B, L, ...] grid layout (fillers are zero)."""
+        if self.uniform:
+            return x
+        index = self.index.view(*self.index.shape, *([1] * (x.dim() - 2))).expand_as(x)
+        grid = x.new_zeros(x.shape[0], self.length + 1, *x.shape[2:])
+        return grid.scatter(1, index, x)[:, : self.length]
+
+    def gather(self, y: torch.Tensor) -> torch.Tensor:
+        """[B, L, ...] grid layout -> [B, T, ...] (padding positions get zero)."""
+        if self.uniform:
+            return y
+        y = torch.cat([y, y.new_zeros(y.shape[0], 1, *y.shape[2:])], dim=1)
+        index = self.index.view(*self.index.shape, *([1] * (y.dim() - 2))).expand(-1, -1, *y.shape[2:])
+        return y.gather(1, index)
+
+    def segment_active(self, seg: Tuple[int, int]) -> Optional[torch.Tensor]:
+        """[B, len] bool of real tokens in a segment, or None when all are real."""
+        return None if self.active is None else self.active[:, seg[0] : seg[1]]
+
+
+def select_where(condition, new: Dict[str, torch.Tensor], old: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Per-sample choice `new` / `old` for a [B] bool condition, or a Python bool for all samples."""
+    if condition is True:
+        return dict(new)
+    if condition is False:
+        return dict(old)
+    return {
+        name: torch.where(condition.view(-1, *([1] * (new[name].dim() - 1))), new[name], old[name]) for name in new
+    }
+
+
+# --- memories, a chunk at a time ------------------------------------------------------------------
+def memory_read_chunk(state: MemoryState, z: torch.Tensor, act: str) -> torch.Tensor:
+    """`M[state](z)` for a chunk of vectors. state weights [..., O, I]; z: [..., C, D] -> [..., C, D]."""
+    if "W" in state:
+        return z @ state["W"].transpose(-1, -2)
+    hidden = activation(act, z @ state["W2"].transpose(-1, -2))
+    return z + hidden @ state["W1"].transpose(-1, -2)
+
+
+def dgd_terms(
+    state: MemoryState, key: torch.Tensor, target: torch.Tensor, eta: torch.Tensor, act: str, eps: float
+) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """The DGD update of every weight of a memory, written as `W (alpha I - eta u~ u~^T) + w u~^T`.
+
+    The inner gradient of `1/2 ||M[S](k) - target||^2` w.r.t. a weight is a rank-1 `e u^T` (output
+    factor `e`, layer input `u`), so the gradient term `-eta / max(1, ||u||^2) e u^T` of
+    `memory_hope.dgd_step` is `w u~^T` with `w = -eta / max(1, ||u||^2) * ||u|| e`.
+
+    state: chunk-start weights [..., O, I]; key, target: [..., C, D]; eta: [..., C].
+    Returns name -> (unit inputs u~ [..., C, I], write vectors w [..., C, O]).
+    """
+    if "W" in state:
+        error = key @ state["W"].transpose(-1, -2) - target
+        factors = {"W": (error, key)}
+    else:
+        pre = key @ state["W2"].transpose(-1, -2)  # [..., C, M]
+        hidden = activation(act, pre)
+        error = key + hidden @ state["W1"].transpose(-1, -2) - target  # [..., C, D]
+        grad_pre = (error @ state["W1"]) * activation_derivative(act, pre)  # [..., C, M]
+        factors = {"W1": (error, hidden), "W2": (grad_pre, key)}
+    terms = {}
+    for name, (out_factor, inputs) in factors.items():
+        squared = (inputs * inputs).sum(-1)  # [..., C]
+        scale = torch.rsqrt(squared + eps)
+        # ||u|| written as (||u||^2 + eps) * rsqrt(||u||^2 + eps), so that u = u~ * that, exactly as
+        # l2norm defines u~.
+        write_scale = -eta / squared.clamp(min=1.0) * (squared + eps) * scale
+        terms[name] = (inputs * scale.unsqueeze(-1), out_factor * write_scale.unsqueeze(-1))
+    return terms
+
+
+def dgd_chunk(
+    weight: torch.Tensor, unit: torch.Tensor, write: torch.Tensor, eta: torch.Tensor, log_alpha: torch.Tensor
+) -> torch.Tensor:
+    """End state of `W_t = W_{t-1} (alpha_t I - eta_t u~_t u~_t^T) + w_t u~_t^T` over a chunk.
+
+    With gamma_t = prod_{s<=t} alpha_s, the state is `W_t = gamma_t W_0 + sum_{s<=t} gamma_t /
+    gamma_s x_s u~_s^T` where the pseudo-writes x solve the unit lower-triangular system
+
+        x_t + eta_t sum_{s<t} (gamma_{t-1} / gamma_s) (u~_s . u~_t) x_s = w_t - eta_t gamma_{t-1} W_0 u~_t,
+
+    (the UT transform of DeltaNet, with decay). All decay ratios are <= 1 (no overflow).
+
+    weight: W_0 [..., O, I]; unit: [..., C, I]; write: [..., C, O]; eta, log_alpha: [..., C].
+    Returns W_C [..., O, I].
+    """
+    dtype = weight.dtype
+    unit, write, eta, log_alpha = unit.to(dtype), write.to(dtype), eta.to(dtype), log_alpha.to(dtype)
+    if unit.shape[-2] == 1:  # one token: the step itself
+        projected = unit @ weight.transpose(-1, -2)  # [..., 1, O]
+        return log_alpha.exp()[..., None] * weight + (write - eta[..., None] * projected).transpose(-1, -2) @ unit
+    length = unit.shape[-2]
+    log_gamma = log_alpha.cumsum(-1)  # [..., C]
+    log_gamma_prev = log_gamma - log_alpha
+    strictly_lower = torch.ones(length, length, dtype=torch.bool, device=unit.device).tril(-1)
+    decay = (log_gamma_prev[..., :, None] - log_gamma[..., None, :]).masked_fill(~strictly_lower, -math.inf).exp()
+    system = eta[..., :, None] * decay * (unit @ unit.transpose(-1, -2))  # [..., C, C], strictly lower
+    rhs = write - (eta * log_gamma_prev.exp())[..., None] * (unit @ weight.transpose(-1, -2))  # [..., C, O]
+    pseudo = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    tail = (log_gamma[..., -1:] - log_gamma).exp()  # gamma_C / gamma_s, [..., C]
+    return log_gamma[..., -1, None, None].exp() * weight + (pseudo * tail[..., None]).transpose(-1, -2) @ unit
+
+
+def _masked(eta: torch.Tensor, alpha: torch.Tensor, active: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fillers and padding become no-ops: eta = 0 and alpha = 1. eta, alpha: [B, ..., C]; active: [B, C]."""
+    log_alpha = alpha.log().clamp(min=_LOG_ALPHA_MIN)
+    if active is None:
+        return eta, log_alpha
+    keep = active.view(active.shape[0], *([1] * (eta.dim() - 2)), active.shape[1])
+    return eta * keep, log_alpha * keep
+
+
+def _memory_chunk_update(
+    start: MemoryState,
+    current: MemoryState,
+    key: torch.Tensor,
+    target: torch.Tensor,
+    eta: torch.Tensor,
+    log_alpha: torch.Tensor,
+    rule: MemoryRule,
+) -> MemoryState:
+    """One chunk of DGD on one (possibly stacked) memory; the gradients are taken at `start`."""
+    terms = dgd_terms(start, key, target, eta, rule.activation, rule.eps)
+    return {name: dgd_chunk(current[name], unit, write, eta, log_alpha) for name, (unit, write) in terms.items()}
+
+
+def _state_dtype(state: MemoryState) -> torch.dtype:
+    return next(iter(state.values())).dtype
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """[B, L, H, ...] -> [B, H, L, ...]."""
+    return x.transpose(1, 2)
+
+
+def _run_main_memory(
+    q: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    eta: torch.Tensor,
+    alpha: torch.Tensor,
+    start: MemoryState,
+    current: MemoryState,
+    grid: ChunkGrid,
+    rule: MemoryRule,
+    self_generated: bool,
+) -> Tuple[torch.Tensor, MemoryState, MemoryState]:
+    """The main memory `M_mem` over its chunk grid.
+
+    q, key, value: [B, L, H, D] (grid layout); eta, alpha: [B, L, H]. The DGD target is `value`
+    (titans) or the self-generated `M_mem[S](value)` (self-modifying, `value` = unit value).
+    Returns the reads `o = M_mem[S](q)` [B, L, H, D] and the end (start, current) states."""
+    dtype = _state_dtype(current)
+    q, key, value = (_heads_first(x).to(dtype) for x in (q, key, value))  # [B, H, L, D]
+    eta, alpha = (x.transpose(1, 2).to(dtype) for x in (eta, alpha))  # [B, H, L]
+    outputs = []
+    for seg, completes in zip(grid.segments, grid.completes):
+        part = slice(*seg)
+        outputs.append(memory_read_chunk(start, q[:, :, part], rule.activation))
+        if not rule.updates:
+            continue
+        key_c, value_c = key[:, :, part], value[:, :, part]
+        target = memory_read_chunk(start, value_c, rule.activation) if self_generated else value_c
+        eta_c, log_alpha_c = _masked(eta[:, :, part], alpha[:, :, part], grid.segment_active(seg))
+        current = _memory_chunk_update(start, current, key_c, target, eta_c, log_alpha_c, rule)
+        start = select_where(completes, current, start)
+    return torch.cat(outputs, dim=2).transpose(1, 2), start, current
+
+
+def titans_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eta: torch.Tensor,
+    alpha: torch.Tensor,
+    start: MemoryStates,
+    current: MemoryStates,
+    seen: torch.Tensor,
+    mask: torch.Tensor,
+    memory_chunk_size: int,
+    rule: MemoryRule,
+) -> Tuple[torch.Tensor, MemoryStates, MemoryStates]:
+    """Chunk-parallel `ops_reference.titans_scan` (same arguments and results)."""
+    grid = ChunkGrid(seen, mask, memory_chunk_size)
+    if grid.length == 0:
+        return q.new_zeros(q.shape), dict(start), dict(current)
+    to_grid = grid.scatter
+    o, mem_start, mem_current = _run_main_memory(
+        to_grid(q), to_grid(k), to_grid(v), to_grid(eta), to_grid(alpha), start["mem"], current["mem"], grid, rule,
+        self_generated=False,
+    )
+    return grid.gather(o).to(q.dtype), {"mem": mem_start}, {"mem": mem_current}
+
+
+PROJECTION_MEMORIES = ("k", "v", "eta", "alpha")
+
+
+def _stack(states: MemoryStates, names) -> MemoryState:
+    """Memories with the same chunk size, stacked on dim 1: weight [B, X, H, O, I]."""
+    return {w: torch.stack([states[name][w] for name in names], dim=1) for w in states[names[0]]}
+
+
+def _unstack(stacked: MemoryState, names) -> MemoryStates:
+    return {name: {w: t[:, i] for w, t in stacked.items()} for i, name in enumerate(names)}
+
+
+def self_modifying_chunked(
+    a: torch.Tensor,
+    q: torch.Tensor,
+    start: MemoryStates,
+    current: MemoryStates,
+    seen: torch.Tensor,
+    mask: torch.Tensor,
+    eta_readout: torch.Tensor,
+    eta_bias: torch.Tensor,
+    alpha_readout: torch.Tensor,
+    alpha_bias: torch.Tensor,
+    eta_max: float,
+    chunk_size: int,
+    memory_chunk_size: int,
+    rule: MemoryRule,
+) -> Tuple[torch.Tensor, MemoryStates, MemoryStates]:
+    """Chunk-parallel `ops_reference.self_modifying_scan` (same arguments and results).
+
+    Two passes: the projection memories `M_k, M_v, M_eta, M_alpha` (chunk `C`, stacked and
+    updated together since they share keys, eta and alpha) produce k, v, eta, alpha for every
+    token; then the main memory (chunk `C_mem`) reads and learns from them."""
+    grid = ChunkGrid(seen, mask, chunk_size)
+    if grid.length == 0:
+        return q.new_zeros(q.shape), dict(start), dict(current)
+    names = PROJECTION_MEMORIES
+    dtype = _state_dtype(current["k"])
+    proj_start, proj_current = _stack(start, names), _stack(current, names)
+    a_grid = _heads_first(grid.scatter(a)).to(dtype)  # [B, H, L, D]
+    keys, unit_values, etas, alphas = [], [], [], []
+    for seg, completes in zip(grid.segments, grid.completes):
+        a_c = a_grid[:, :, slice(*seg)].unsqueeze(1)  # [B, 1, H, C, D]
+        # Every read and self-generated value uses the chunk-start states (paper Eq. 90).
+        reads = memory_read_chunk(proj_start, a_c, rule.activation)  # [B, 4, H, C, D]
+        k_c = l2norm(reads[:, 0], rule.eps)  # [B, H, C, D]
+        v_unit = l2norm(reads[:, 1], rule.eps)  # see the [choice] in ops_reference.self_modifying_scan
+        eta_c = eta_max * torch.sigmoid((reads[:, 2] * eta_readout[:, None]).sum(-1) + eta_bias[:, None])  # [B, H, C]
+        alpha_c = torch.sigmoid((reads[:, 3] * alpha_readout[:, None]).sum(-1) + alpha_bias[:, None])
+        keys.append(k_c), unit_values.append(v_unit), etas.append(eta_c), alphas.append(alpha_c)
+        if not rule.updates:
+            continue
+        targets = memory_read_chunk(proj_start, v_unit.unsqueeze(1), rule.activation)  # [B, 4, H, C, D]
+        eta_m, log_alpha_m = _masked(eta_c.unsqueeze(1), alpha_c.unsqueeze(1), grid.segment_active(seg))
+        proj_current = _memory_chunk_update(
+            proj_start, proj_current, k_c.unsqueeze(1), targets, eta_m, log_alpha_m, rule
+        )
+        proj_start = select_where(completes, proj_current, proj_start)
+
+    def to_tokens(pieces: List[torch.Tensor]) -> torch.Tensor:  # [B, H, L, ...] pieces -> [B, T, H, ...]
+        return grid.gather(torch.cat(pieces, dim=2).transpose(1, 2))
+
+    k, v_unit, eta, alpha = to_tokens(keys), to_tokens(unit_values), to_tokens(etas), to_tokens(alphas)
+    mem_grid = ChunkGrid(seen, mask, memory_chunk_size)
+    to_grid = mem_grid.scatter
+    o, mem_start, mem_current = _run_main_memory(
+        to_grid(q), to_grid(k), to_grid(v_unit), to_grid(eta), to_grid(alpha), start["mem"], current["mem"],
+        mem_grid, rule, self_generated=True,
+    )
+    end_start, end_current = _unstack(proj_start, names), _unstack(proj_current, names)
+    end_start["mem"], end_current["mem"] = mem_start, mem_current
+    return mem_grid.gather(o).to(q.dtype), end_start, end_current
+
+
+# --- Continuum Memory System ----------------------------------------------------------------------
+def swiglu_chunk(weights: Dict[str, torch.Tensor], n: torch.Tensor):
+    """Per-sample SwiGLU on a chunk. n: [B, C, Dm]; gate/up: [B, I, Dm]; down: [B, Dm, I].
+    Returns (output [B, C, Dm], gate pre-activation, up, hidden [B, C, I])."""
+    gate = n @ weights["gate"].transpose(-1, -2)
+    up = n @ weights["up"].transpose(-1, -2)
+    hidden = F.silu(gate) * up
+    return hidden @ weights["down"].transpose(-1, -2), gate, up, hidden
+
+
+def swiglu_chunk_gradient_sum(weights, n, target, active):
+    """Sum over a chunk's real tokens of the gradients of `1/2 ||swiglu(n_t) - target_t||^2` w.r.t.
+    gate, up, down (the hand-derived `ops_reference.swiglu_gradients`, summed by one matmul each).
+    Also returns the outputs. n, target: [B, C, Dm]; active: [B, C] or None."""
+    out, gate, up, hidden = swiglu_chunk(weights, n)
+    error = out - target
+    if active is not None:
+        error = error * active.unsqueeze(-1).to(error.dtype)
+    grad_hidden = error @ weights["down"]  # [B, C, I]
+    sig = torch.sigmoid(gate)
+    grad_gate = grad_hidden * up * sig * (1 + gate * (1 - sig))
+    grad_up = grad_hidden * F.silu(gate)
+    sums = {
+        "gate": grad_gate.transpose(-1, -2) @ n,
+        "up": grad_up.transpose(-1, -2) @ n,
+        "down": error.transpose(-1, -2) @ hidden,
+    }
+    return out, sums
+
+
+def cms_chunked(
+    n: torch.Tensor,
+    theta: Dict[str, torch.Tensor],
+    grad_sum: Optional[Dict[str, torch.Tensor]],
+    num_updates: torch.Tensor,
+    seen: torch.Tensor,
+    mask: torch.Tensor,
+    value_weight: torch.Tensor,
+    eta: torch.Tensor,
+    alpha: torch.Tensor,
+    chunk_size: int,
+    updates: bool,
+):
+    """Chunk-parallel `ops_reference.cms_scan` (same arguments and results; `grad_sum=None` means
+    no partial chunk is pending)."""
+    state_dtype = next(iter(theta.values())).dtype
+    if not updates:
+        y = swiglu_chunk(theta, n)[0]
+        if grad_sum is None:
+            grad_sum = {name: torch.zeros_like(w.expand(n.shape[0], *w.shape[1:]), dtype=state_dtype) for name, w in theta.items()}
+        return y, theta, grad_sum, num_updates
+    grid = ChunkGrid(seen, mask, chunk_size)
+    n_grid = grid.scatter(n)
+    target = n_grid @ value_weight.t()
+    outputs = []
+    pending = grad_sum
+    for seg, completes in zip(grid.segments, grid.completes):
+        part = slice(*seg)
+        out, sums = swiglu_chunk_gradient_sum(theta, n_grid[:, part], target[:, part], grid.segment_active(seg))
+        outputs.append(out)
+        total = sums if pending is None else {name: pending[name] + sums[name] for name in sums}
+        total = {name: g.to(state_dtype) for name, g in total.items()}
+        if completes is False:
+            pending = total
+            continue
+        updated = {name: alpha * theta[name] - eta * total[name] for name in theta}
+        theta = select_where(completes, updated, theta)
+        if completes is True:
+            pending = None
+            num_updates = num_updates + 1
+        else:
+            pending = {name: torch.where(completes.view(-1, 1, 1), torch.zeros_like(g), g) for name, g in total.items()}
+            num_updates = num_updates + completes.long()
+    if pending is None:
+        batch = n.shape[0]
+        pending = {name: w.new_zeros(batch, *w.shape[1:]) for name, w in theta.items()}
+    y = grid.gather(torch.cat(outputs, dim=1)) if outputs else n.new_zeros(n.shape)
+    return y.to(n.dtype), theta, pending, num_updates
