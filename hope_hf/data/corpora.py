@@ -188,7 +188,7 @@ def load_paul_graham_essays() -> list[str]:
     return essays
 
 
-def _expand_text_paths(paths: Iterable[str | Path]) -> list[Path]:
+def _expand_text_paths(paths: Iterable[str | Path], argument: str) -> list[Path]:
     files: list[Path] = []
     for item in paths:
         path = Path(item)
@@ -197,11 +197,11 @@ def _expand_text_paths(paths: Iterable[str | Path]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"paths: {str(path)!r} is neither a file nor a folder")
+            raise FileNotFoundError(f"{argument}: {str(path)!r} is neither a file nor a folder")
     return files
 
 
-def load_text_files(paths: list[str | Path] | str | Path) -> str:
+def load_text_files(paths: list[str | Path] | str | Path, argument: str = "paths") -> str:
     """Read text files and folders (recursively, ``*.txt``) into one string.
 
     Files are joined with a blank line, in the given order; a folder's files are
@@ -209,6 +209,7 @@ def load_text_files(paths: list[str | Path] | str | Path) -> str:
 
     Args:
         paths: a file or folder path, or a list of them.
+        argument: the name error messages give ``paths`` (e.g. a command-line flag).
 
     Raises:
         FileNotFoundError: if a path does not exist.
@@ -216,10 +217,10 @@ def load_text_files(paths: list[str | Path] | str | Path) -> str:
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    files = _expand_text_paths(paths)
+    files = _expand_text_paths(paths, argument)
     if not files:
-        raise ValueError(f"paths: no '*.txt' file found in {[str(p) for p in paths]}")
+        raise ValueError(f"{argument}: empty corpus: no '*.txt' file found in {[str(p) for p in paths]}")
     text = "\n\n".join(_read_text(path) for path in files)
     if not text.strip():
-        raise ValueError(f"paths: the files {[str(f) for f in files]} contain no text")
+        raise ValueError(f"{argument}: empty corpus: the files {[str(f) for f in files]} contain no text")
     return text
