@@ -16,8 +16,8 @@ Chunks are counted per sample from its first real token, and padding (mask False
 advance a sample, so different samples can be at different places of their chunks. `ChunkGrid`
 puts every sample's real tokens at its stream position modulo the chunk layout, so chunk
 boundaries line up across the batch; fillers are tokens with `eta = 0`, `alpha = 1` (no-ops).
-Outputs at padding positions are zero here (the reference computes a read there); nothing
-downstream reads them.
+A padding token reads the state the next real token reads, exactly as in the reference (with
+left padding, the logits at the last pad predict the first real token and enter the loss).
 
 (A flat sibling of `modeling_hope.py`, like `ops_reference.py`: `register_for_auto_class` copies
 relative imports flat into a checkpoint.)
@@ -48,6 +48,10 @@ class ChunkGrid:
     sample. The grid covers positions `[lo, hi)` (the union over samples) and is cut into
     `segments` at the boundaries: the first may start mid-chunk, the last may end mid-chunk.
 
+    A padding token sits at the position of the next real token (it reads the state that token
+    would read, as in the reference) but occupies no grid slot: `pads[i]` lists the
+    (sample, token) pairs of the padding tokens that read at segment `i`'s chunk-start state.
+
     seen: [B] real tokens before the span; mask: [B, T] bool (True = real token).
     """
 
@@ -60,16 +64,16 @@ class ChunkGrid:
         if self.uniform:
             lo, hi = int(offset[0]), int(offset[0]) + length
         else:
-            lo = int(offset.min())
-            hi = max(lo, int((offset + counts).max()))
-            position = offset[:, None] + mask.long().cumsum(1) - 1  # [B, T]
-            # Padding goes to a trash slot at index `length` that is dropped.
+            real_before = mask.long().cumsum(1) - mask.long()
+            position = offset[:, None] + real_before  # [B, T]: a real token's slot, or a pad's read slot
+            lo, hi = int(offset.min()), int(position.max()) + 1
+            # Padding goes to a trash slot at index `hi - lo` that is dropped.
             self.index = torch.where(mask, position - lo, torch.full_like(position, hi - lo))
         self.lo, self.length = lo, hi - lo
-        position = torch.arange(lo, hi, device=mask.device)
+        slots = torch.arange(lo, hi, device=mask.device)
         end = offset + counts
-        # [B, L]: whether grid position holds a real token of the sample (None: all do).
-        self.active = None if self.uniform else (position >= offset[:, None]) & (position < end[:, None])
+        # [B, L]: whether a grid slot holds a real token of the sample (None: all do).
+        self.active = None if self.uniform else (slots >= offset[:, None]) & (slots < end[:, None])
         self.segments: List[Tuple[int, int]] = []
         start = lo
         while start < hi:
@@ -88,6 +92,14 @@ class ChunkGrid:
             else:
                 done = end >= absolute
                 self.completes.append(bool(done.all()) or (done if bool(done.any()) else False))
+        self.pads: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * len(self.segments)
+        if not self.uniform and not bool(mask.all()):
+            pad_sample, pad_token = (~mask).nonzero(as_tuple=True)
+            pad_slot = position[pad_sample, pad_token] - lo
+            for i, (seg_start, seg_stop) in enumerate(self.segments):
+                inside = (pad_slot >= seg_start) & (pad_slot < seg_stop)
+                if bool(inside.any()):
+                    self.pads[i] = (pad_sample[inside], pad_token[inside])
 
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, ...] -> [B, L, ...] grid layout (fillers are zero)."""
@@ -97,13 +109,18 @@ class ChunkGrid:
         grid = x.new_zeros(x.shape[0], self.length + 1, *x.shape[2:])
         return grid.scatter(1, index, x)[:, : self.length]
 
-    def gather(self, y: torch.Tensor) -> torch.Tensor:
-        """[B, L, ...] grid layout -> [B, T, ...] (padding positions get zero)."""
+    def gather(self, y: torch.Tensor, pad_values: Optional[List[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+        """[B, L, ...] grid layout -> [B, T, ...]. `pad_values[i]` ([P_i, ...]) are the outputs of
+        the padding tokens `pads[i]`; padding positions without a value get zero."""
         if self.uniform:
             return y
         y = torch.cat([y, y.new_zeros(y.shape[0], 1, *y.shape[2:])], dim=1)
         index = self.index.view(*self.index.shape, *([1] * (y.dim() - 2))).expand(-1, -1, *y.shape[2:])
-        return y.gather(1, index)
+        out = y.gather(1, index)
+        for pads, values in zip(self.pads, pad_values or []):
+            if pads is not None:
+                out = out.index_put(pads, values.to(out.dtype))
+        return out
 
     def segment_active(self, seg: Tuple[int, int]) -> Optional[torch.Tensor]:
         """[B, len] bool of real tokens in a segment, or None when all are real."""
@@ -162,6 +179,20 @@ def dgd_terms(
     return terms
 
 
+def unit_lower_inverse(strictly_lower: torch.Tensor) -> torch.Tensor:
+    """`(I + N)^-1` for a strictly lower-triangular N [..., C, C], as the finite product
+    `(I - N)(I + N^2)(I + N^4)...` (N is nilpotent: N^C = 0). A few batched matmuls: on CPU this is
+    several times faster than `torch.linalg.solve_triangular` on small batched systems, and
+    autograd through it is plain matmul backward."""
+    size = strictly_lower.shape[-1]
+    power = -strictly_lower
+    inverse = torch.eye(size, dtype=power.dtype, device=power.device) + power
+    for _ in range(max(0, math.ceil(math.log2(size)) - 1)):
+        power = power @ power
+        inverse = inverse + inverse @ power
+    return inverse
+
+
 def dgd_chunk(
     weight: torch.Tensor, unit: torch.Tensor, write: torch.Tensor, eta: torch.Tensor, log_alpha: torch.Tensor
 ) -> torch.Tensor:
@@ -189,7 +220,7 @@ def dgd_chunk(
     decay = (log_gamma_prev[..., :, None] - log_gamma[..., None, :]).masked_fill(~strictly_lower, -math.inf).exp()
     system = eta[..., :, None] * decay * (unit @ unit.transpose(-1, -2))  # [..., C, C], strictly lower
     rhs = write - (eta * log_gamma_prev.exp())[..., None] * (unit @ weight.transpose(-1, -2))  # [..., C, O]
-    pseudo = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    pseudo = unit_lower_inverse(system) @ rhs
     tail = (log_gamma[..., -1:] - log_gamma).exp()  # gamma_C / gamma_s, [..., C]
     return log_gamma[..., -1, None, None].exp() * weight + (pseudo * tail[..., None]).transpose(-1, -2) @ unit
 
@@ -228,6 +259,7 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
 
 def _run_main_memory(
     q: torch.Tensor,
+    pad_queries: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     eta: torch.Tensor,
@@ -240,16 +272,19 @@ def _run_main_memory(
 ) -> Tuple[torch.Tensor, MemoryState, MemoryState]:
     """The main memory `M_mem` over its chunk grid.
 
-    q, key, value: [B, L, H, D] (grid layout); eta, alpha: [B, L, H]. The DGD target is `value`
-    (titans) or the self-generated `M_mem[S](value)` (self-modifying, `value` = unit value).
-    Returns the reads `o = M_mem[S](q)` [B, L, H, D] and the end (start, current) states."""
+    q, key, value: [B, L, H, D] (grid layout); pad_queries: [B, T, H, D] (token layout, read at
+    padding positions); eta, alpha: [B, L, H]. The DGD target is `value` (titans) or the
+    self-generated `M_mem[S](value)` (self-modifying, `value` = unit value). Returns the reads
+    `o = M_mem[S](q)` [B, L, H, D], the reads at padding tokens per segment and the end
+    (start, current) states."""
     dtype = _state_dtype(current)
     q, key, value = (_heads_first(x).to(dtype) for x in (q, key, value))  # [B, H, L, D]
     eta, alpha = (x.transpose(1, 2).to(dtype) for x in (eta, alpha))  # [B, H, L]
-    outputs = []
-    for seg, completes in zip(grid.segments, grid.completes):
+    outputs, pad_reads = [], []
+    for seg, completes, pads in zip(grid.segments, grid.completes, grid.pads):
         part = slice(*seg)
         outputs.append(memory_read_chunk(start, q[:, :, part], rule.activation))
+        pad_reads.append(None if pads is None else _read_at(start, pad_queries[pads], pads[0], rule))
         if not rule.updates:
             continue
         key_c, value_c = key[:, :, part], value[:, :, part]
@@ -257,7 +292,13 @@ def _run_main_memory(
         eta_c, log_alpha_c = _masked(eta[:, :, part], alpha[:, :, part], grid.segment_active(seg))
         current = _memory_chunk_update(start, current, key_c, target, eta_c, log_alpha_c, rule)
         start = select_where(completes, current, start)
-    return torch.cat(outputs, dim=2).transpose(1, 2), start, current
+    return torch.cat(outputs, dim=2).transpose(1, 2), pad_reads, start, current
+
+
+def _read_at(state: MemoryState, z: torch.Tensor, samples: torch.Tensor, rule: MemoryRule) -> torch.Tensor:
+    """Reads of single vectors z [P, H, D] at the states of the given samples [P] -> [P, H, D]."""
+    chosen = {name: weight[samples] for name, weight in state.items()}
+    return memory_read_chunk(chosen, z.to(_state_dtype(state)).unsqueeze(-2), rule.activation).squeeze(-2)
 
 
 def titans_chunked(
@@ -275,14 +316,12 @@ def titans_chunked(
 ) -> Tuple[torch.Tensor, MemoryStates, MemoryStates]:
     """Chunk-parallel `ops_reference.titans_scan` (same arguments and results)."""
     grid = ChunkGrid(seen, mask, memory_chunk_size)
-    if grid.length == 0:
-        return q.new_zeros(q.shape), dict(start), dict(current)
     to_grid = grid.scatter
-    o, mem_start, mem_current = _run_main_memory(
-        to_grid(q), to_grid(k), to_grid(v), to_grid(eta), to_grid(alpha), start["mem"], current["mem"], grid, rule,
-        self_generated=False,
+    o, pad_reads, mem_start, mem_current = _run_main_memory(
+        to_grid(q), q, to_grid(k), to_grid(v), to_grid(eta), to_grid(alpha), start["mem"], current["mem"], grid,
+        rule, self_generated=False,
     )
-    return grid.gather(o).to(q.dtype), {"mem": mem_start}, {"mem": mem_current}
+    return grid.gather(o, pad_reads).to(q.dtype), {"mem": mem_start}, {"mem": mem_current}
 
 
 PROJECTION_MEMORIES = ("k", "v", "eta", "alpha")
@@ -319,8 +358,6 @@ def self_modifying_chunked(
     updated together since they share keys, eta and alpha) produce k, v, eta, alpha for every
     token; then the main memory (chunk `C_mem`) reads and learns from them."""
     grid = ChunkGrid(seen, mask, chunk_size)
-    if grid.length == 0:
-        return q.new_zeros(q.shape), dict(start), dict(current)
     names = PROJECTION_MEMORIES
     dtype = _state_dtype(current["k"])
     proj_start, proj_current = _stack(start, names), _stack(current, names)
@@ -350,13 +387,13 @@ def self_modifying_chunked(
     k, v_unit, eta, alpha = to_tokens(keys), to_tokens(unit_values), to_tokens(etas), to_tokens(alphas)
     mem_grid = ChunkGrid(seen, mask, memory_chunk_size)
     to_grid = mem_grid.scatter
-    o, mem_start, mem_current = _run_main_memory(
-        to_grid(q), to_grid(k), to_grid(v_unit), to_grid(eta), to_grid(alpha), start["mem"], current["mem"],
+    o, pad_reads, mem_start, mem_current = _run_main_memory(
+        to_grid(q), q, to_grid(k), to_grid(v_unit), to_grid(eta), to_grid(alpha), start["mem"], current["mem"],
         mem_grid, rule, self_generated=True,
     )
     end_start, end_current = _unstack(proj_start, names), _unstack(proj_current, names)
     end_start["mem"], end_current["mem"] = mem_start, mem_current
-    return mem_grid.gather(o).to(q.dtype), end_start, end_current
+    return mem_grid.gather(o, pad_reads).to(q.dtype), end_start, end_current
 
 
 # --- Continuum Memory System ----------------------------------------------------------------------
@@ -413,12 +450,17 @@ def cms_chunked(
     grid = ChunkGrid(seen, mask, chunk_size)
     n_grid = grid.scatter(n)
     target = n_grid @ value_weight.t()
-    outputs = []
+    outputs, pad_outputs = [], []
     pending = grad_sum
-    for seg, completes in zip(grid.segments, grid.completes):
+    for seg, completes, pads in zip(grid.segments, grid.completes, grid.pads):
         part = slice(*seg)
         out, sums = swiglu_chunk_gradient_sum(theta, n_grid[:, part], target[:, part], grid.segment_active(seg))
         outputs.append(out)
+        if pads is not None:  # padding reads the chunk-start weights, like the next real token
+            chosen = {name: w.expand(n.shape[0], *w.shape[1:])[pads[0]] for name, w in theta.items()}
+            pad_outputs.append(swiglu_chunk(chosen, n[pads].unsqueeze(1))[0].squeeze(1))
+        else:
+            pad_outputs.append(None)
         total = sums if pending is None else {name: pending[name] + sums[name] for name in sums}
         total = {name: g.to(state_dtype) for name, g in total.items()}
         if completes is False:
@@ -435,5 +477,5 @@ def cms_chunked(
     if pending is None:
         batch = n.shape[0]
         pending = {name: w.new_zeros(batch, *w.shape[1:]) for name, w in theta.items()}
-    y = grid.gather(torch.cat(outputs, dim=1)) if outputs else n.new_zeros(n.shape)
+    y = grid.gather(torch.cat(outputs, dim=1), pad_outputs)
     return y.to(n.dtype), theta, pending, num_updates

@@ -1,0 +1,225 @@
+"""The chunk-parallel fast path (`ops_chunked.py`) equals the per-token reference: outputs, end
+states and gradients, on random configs, seeds, split points and padding (float64, 1e-10)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from conftest import tiny_config, tiny_model
+from hope_hf import HopeForCausalLM, scan_implementation
+from hope_hf.memory_hope import dgd_step, l2norm
+from hope_hf.modeling_hope import get_scans
+from hope_hf.ops_chunked import ChunkGrid, dgd_chunk, dgd_terms, unit_lower_inverse
+from hope_hf.ops_reference import cms_scan, self_modifying_scan, titans_scan
+from hope_hf.memory_hope import memory_gradients
+
+from test_streaming import flat_state, run_split
+
+
+def random_config(draw_seed: int, **overrides):
+    gen = torch.Generator().manual_seed(draw_seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+    kwargs = dict(
+        mixer=pick(["self_modifying", "titans"]),
+        memory_type=pick(["deep", "linear"]),
+        memory_activation=pick(["silu", "gelu", "tanh"]),
+        chunk_size=pick([1, 2, 3, 4]),
+        memory_chunk_size=pick([1, 3, 5, 8]),
+        cms_chunk_sizes=pick([[2, 7, None], [3], [1, None], [4, 5]]),
+        cms_variant=pick(["sequential", "independent"]),
+        memory_hidden_size=pick([None, 5]),
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def padded_batch(seed: int, length: int, pads):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 61, (len(pads), length), generator=gen)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    return ids, mask
+
+
+def compare(model, ids, mask, cuts, tol):
+    with torch.no_grad():
+        fast, fast_cache = run_split(model, ids, cuts, mask=mask)
+        with scan_implementation("reference"):
+            ref, ref_cache = run_split(model, ids, [], mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(fast[real], ref[real], atol=tol, rtol=0)
+    a, b = flat_state(ref_cache), flat_state(fast_cache)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name].to(a[name].dtype), a[name], atol=tol, rtol=0, msg=name)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    config_seed=st.integers(0, 10_000),
+    seed=st.integers(0, 10_000),
+    cuts=st.lists(st.integers(1, 22), max_size=4, unique=True).map(sorted),
+    pads=st.lists(st.integers(0, 9), min_size=1, max_size=3),
+)
+def test_fast_equals_reference_float64(config_seed, seed, cuts, pads):
+    """Any config, any split of the stream into calls, any left padding: the chunked path in
+    pieces equals the reference in one call, at real tokens and in every state tensor."""
+    model = tiny_model(seed=seed, dtype=torch.float64, **random_config(config_seed))
+    ids, mask = padded_batch(seed + 1, 23, pads)
+    compare(model, ids, mask, cuts, 1e-10)
+
+
+@pytest.mark.parametrize("mixer", ["self_modifying", "titans"])
+@pytest.mark.parametrize("memory_type", ["deep", "linear"])
+def test_fast_equals_reference_float32(mixer, memory_type):
+    model = tiny_model(seed=7, mixer=mixer, memory_type=memory_type)
+    ids, mask = padded_batch(8, 40, [0, 5, 13])
+    compare(model, ids, mask, [9, 10, 27], 1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fast_gradients_equal_reference(seed):
+    """The outer gradient through every in-context update: same for both paths (float64)."""
+    overrides = random_config(100 + seed)
+    grads = {}
+    for name in ("chunked", "reference"):
+        model = tiny_model(seed=seed, dtype=torch.float64, **overrides).train()
+        ids, mask = padded_batch(seed + 3, 21, [0, 4])
+        with scan_implementation(name):
+            loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["chunked"].keys() == grads["reference"].keys()
+    assert len(grads["chunked"]) > 20
+    for name, g in grads["reference"].items():
+        torch.testing.assert_close(grads["chunked"][name], g, atol=1e-10, rtol=1e-8, msg=name)
+
+
+def test_gradcheck_chunked():
+    model = tiny_model(seed=4, dtype=torch.float64, mixer="self_modifying", memory_type="deep",
+                       cms_chunk_sizes=[3], num_hidden_layers=1).train()
+    ids = torch.randint(3, 61, (1, 9), generator=torch.Generator().manual_seed(5))
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    probe = torch.randn(1, 9, 61, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    torch.autograd.gradcheck(lambda e: (model(inputs_embeds=e).logits * probe).sum(), (embeds,), eps=1e-6, atol=1e-6)
+
+
+def reference_chunk(weight, unit, write, eta, alpha):
+    """The recurrence `W (alpha I - eta u u^T) + w u^T`, one token at a time."""
+    for t in range(unit.shape[-2]):
+        u, w = unit[..., t, :], write[..., t, :]
+        projected = (weight @ u.unsqueeze(-1)).squeeze(-1)
+        weight = alpha[..., t, None, None] * weight + (w - eta[..., t, None] * projected).unsqueeze(-1) * u.unsqueeze(-2)
+    return weight
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 16, 33])
+def test_dgd_chunk_closed_form(length):
+    gen = torch.Generator().manual_seed(length)
+    shape = (2, 3)
+    weight = torch.randn(*shape, 4, 6, dtype=torch.float64, generator=gen)
+    unit = l2norm(torch.randn(*shape, length, 6, dtype=torch.float64, generator=gen), 1e-6)
+    write = torch.randn(*shape, length, 4, dtype=torch.float64, generator=gen)
+    eta = torch.rand(*shape, length, dtype=torch.float64, generator=gen)
+    alpha = torch.rand(*shape, length, dtype=torch.float64, generator=gen) * 0.5 + 0.5
+    alpha[0, 0, length // 2] = 0.0  # a full reset stays exact (log floor)
+    expected = reference_chunk(weight, unit, write, eta, alpha)
+    got = dgd_chunk(weight, unit, write, eta, alpha.log().clamp(min=-1e4))
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("memory_type", ["deep", "linear"])
+def test_dgd_terms_reproduce_dgd_step(memory_type):
+    """One token: `W (alpha I - eta u~u~^T) + w u~^T` with the terms of `dgd_terms` is
+    `memory_hope.dgd_step` (the one place the DGD step is defined)."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, D, M = 2, 3, 4, 5
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=gen)
+    state = {"W1": r(B, H, D, M), "W2": r(B, H, M, D)} if memory_type == "deep" else {"W": r(B, H, D, D)}
+    current = {k: v + 0.1 * r(*v.shape) for k, v in state.items()}
+    key, target = l2norm(r(B, H, D), 1e-6) * 3.0, r(B, H, D)
+    eta, alpha = torch.rand(B, H, dtype=torch.float64, generator=gen), torch.rand(B, H, dtype=torch.float64, generator=gen)
+    grads, inputs = memory_gradients(state, key, target, "gelu")
+    expected = dgd_step(current, grads, inputs, eta, alpha, 1e-6)
+    terms = dgd_terms(state, key.unsqueeze(-2), target.unsqueeze(-2), eta.unsqueeze(-1), "gelu", 1e-6)
+    for name, (unit, write) in terms.items():
+        got = dgd_chunk(current[name], unit, write, eta.unsqueeze(-1), alpha.log().unsqueeze(-1))
+        torch.testing.assert_close(got, expected[name], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 16, 64])
+def test_unit_lower_inverse(size):
+    gen = torch.Generator().manual_seed(size)
+    lower = torch.randn(3, size, size, dtype=torch.float64, generator=gen).tril(-1) * 0.3
+    expected = torch.linalg.inv(torch.eye(size, dtype=torch.float64) + lower)
+    torch.testing.assert_close(unit_lower_inverse(lower), expected, atol=1e-10, rtol=1e-10)
+
+
+def test_chunk_grid_aligns_samples():
+    """Each sample's real tokens go to `seen % C + rank`; chunks complete per sample."""
+    seen = torch.tensor([0, 3, 5])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    grid = ChunkGrid(seen, mask, chunk_size=4)
+    # offsets 0, 3, 1; positions cover [0, 6): sample 1 ends at 3 + 4 = 7.
+    assert (grid.lo, grid.length) == (0, 7)
+    assert grid.segments == [(0, 4), (4, 7)]
+    assert grid.completes[0] is True and grid.completes[1] is False
+    # padding reads where the sample's next real token reads: all in the first chunk here
+    samples, tokens = grid.pads[0]
+    assert list(zip(samples.tolist(), tokens.tolist())) == [(1, 0), (1, 1), (2, 0)] and grid.pads[1] is None
+    x = torch.arange(18, dtype=torch.float64).view(3, 6) + 1
+    g = grid.scatter(x)
+    assert g[0].tolist() == [1, 2, 3, 4, 5, 6, 0]
+    assert g[1].tolist() == [0, 0, 0, 9, 10, 11, 12]
+    assert g[2].tolist() == [0, 14, 15, 16, 17, 18, 0]
+    back = grid.gather(g)
+    torch.testing.assert_close(back, x * mask)
+    assert grid.active[1].tolist() == [False, False, False, True, True, True, True]
+
+
+def test_scan_implementation_selection():
+    config = tiny_config()
+    assert config.scan_implementation == "chunked"
+    assert get_scans(config)[0].__name__ == "self_modifying_chunked"
+    with scan_implementation("reference"):
+        assert get_scans(config) == (self_modifying_scan, titans_scan, cms_scan)
+    assert get_scans(tiny_config(scan_implementation="reference"))[1] is titans_scan
+    with pytest.raises(ValueError, match="scan_implementation must be one of"):
+        with scan_implementation("triton"):
+            pass
+    with pytest.raises(ValueError, match="scan_implementation must be one of"):
+        tiny_config(scan_implementation="fast")
+
+
+def test_bf16_autocast_training_keeps_float32_state():
+    model = tiny_model(seed=2).train()
+    ids = torch.randint(3, 61, (2, 30), generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, use_cache=True)
+        generated = model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False)
+    assert generated.shape == (1, 11)
+    for layer in out.past_key_values.layers:
+        for name, tensor in layer.state.items():
+            if tensor.is_floating_point() and name not in ("conv",):
+                assert tensor.dtype == torch.float32, name
+    with torch.no_grad():
+        full = model(ids).logits
+    # bf16 matmuls: close to the float32 logits, not equal.
+    assert (out.logits.float() - full).abs().max() < 0.1
