@@ -29,7 +29,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .cache_hope import HopeCache
 from .configuration_hope import SELF_MODIFYING_MEMORIES, HopeConfig
 from .memory_hope import activation, l2norm
-from .ops_chunked import cms_chunked, self_modifying_chunked, titans_chunked
+from .ops_chunked import self_modifying_chunked, titans_chunked
+from .ops_cms import cms_chunked
 from .ops_reference import MemoryRule, cms_scan, self_modifying_scan, titans_scan
 
 LayerState = Dict[str, torch.Tensor]

@@ -29,7 +29,6 @@ import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .memory_hope import MemoryState, activation, activation_derivative, l2norm
 from .ops_reference import MemoryRule
@@ -394,88 +393,3 @@ def self_modifying_chunked(
     end_start, end_current = _unstack(proj_start, names), _unstack(proj_current, names)
     end_start["mem"], end_current["mem"] = mem_start, mem_current
     return mem_grid.gather(o, pad_reads).to(q.dtype), end_start, end_current
-
-
-# --- Continuum Memory System ----------------------------------------------------------------------
-def swiglu_chunk(weights: Dict[str, torch.Tensor], n: torch.Tensor):
-    """Per-sample SwiGLU on a chunk. n: [B, C, Dm]; gate/up: [B, I, Dm]; down: [B, Dm, I].
-    Returns (output [B, C, Dm], gate pre-activation, up, hidden [B, C, I])."""
-    gate = n @ weights["gate"].transpose(-1, -2)
-    up = n @ weights["up"].transpose(-1, -2)
-    hidden = F.silu(gate) * up
-    return hidden @ weights["down"].transpose(-1, -2), gate, up, hidden
-
-
-def swiglu_chunk_gradient_sum(weights, n, target, active):
-    """Sum over a chunk's real tokens of the gradients of `1/2 ||swiglu(n_t) - target_t||^2` w.r.t.
-    gate, up, down (the hand-derived `ops_reference.swiglu_gradients`, summed by one matmul each).
-    Also returns the outputs. n, target: [B, C, Dm]; active: [B, C] or None."""
-    out, gate, up, hidden = swiglu_chunk(weights, n)
-    error = out - target
-    if active is not None:
-        error = error * active.unsqueeze(-1).to(error.dtype)
-    grad_hidden = error @ weights["down"]  # [B, C, I]
-    sig = torch.sigmoid(gate)
-    grad_gate = grad_hidden * up * sig * (1 + gate * (1 - sig))
-    grad_up = grad_hidden * F.silu(gate)
-    sums = {
-        "gate": grad_gate.transpose(-1, -2) @ n,
-        "up": grad_up.transpose(-1, -2) @ n,
-        "down": error.transpose(-1, -2) @ hidden,
-    }
-    return out, sums
-
-
-def cms_chunked(
-    n: torch.Tensor,
-    theta: Dict[str, torch.Tensor],
-    grad_sum: Optional[Dict[str, torch.Tensor]],
-    num_updates: torch.Tensor,
-    seen: torch.Tensor,
-    mask: torch.Tensor,
-    value_weight: torch.Tensor,
-    eta: torch.Tensor,
-    alpha: torch.Tensor,
-    chunk_size: int,
-    updates: bool,
-):
-    """Chunk-parallel `ops_reference.cms_scan` (same arguments and results; `grad_sum=None` means
-    no partial chunk is pending)."""
-    state_dtype = next(iter(theta.values())).dtype
-    if not updates:
-        y = swiglu_chunk(theta, n)[0]
-        if grad_sum is None:
-            grad_sum = {name: torch.zeros_like(w.expand(n.shape[0], *w.shape[1:]), dtype=state_dtype) for name, w in theta.items()}
-        return y, theta, grad_sum, num_updates
-    grid = ChunkGrid(seen, mask, chunk_size)
-    n_grid = grid.scatter(n)
-    target = n_grid @ value_weight.t()
-    outputs, pad_outputs = [], []
-    pending = grad_sum
-    for seg, completes, pads in zip(grid.segments, grid.completes, grid.pads):
-        part = slice(*seg)
-        out, sums = swiglu_chunk_gradient_sum(theta, n_grid[:, part], target[:, part], grid.segment_active(seg))
-        outputs.append(out)
-        if pads is not None:  # padding reads the chunk-start weights, like the next real token
-            chosen = {name: w.expand(n.shape[0], *w.shape[1:])[pads[0]] for name, w in theta.items()}
-            pad_outputs.append(swiglu_chunk(chosen, n[pads].unsqueeze(1))[0].squeeze(1))
-        else:
-            pad_outputs.append(None)
-        total = sums if pending is None else {name: pending[name] + sums[name] for name in sums}
-        total = {name: g.to(state_dtype) for name, g in total.items()}
-        if completes is False:
-            pending = total
-            continue
-        updated = {name: alpha * theta[name] - eta * total[name] for name in theta}
-        theta = select_where(completes, updated, theta)
-        if completes is True:
-            pending = None
-            num_updates = num_updates + 1
-        else:
-            pending = {name: torch.where(completes.view(-1, 1, 1), torch.zeros_like(g), g) for name, g in total.items()}
-            num_updates = num_updates + completes.long()
-    if pending is None:
-        batch = n.shape[0]
-        pending = {name: w.new_zeros(batch, *w.shape[1:]) for name, w in theta.items()}
-    y = grid.gather(torch.cat(outputs, dim=1), pad_outputs)
-    return y.to(n.dtype), theta, pending, num_updates
