@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=128, help="tokens per training sequence")
     parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     parser.add_argument("--max-chars", type=int, default=None, help="use only this many Shakespeare characters")
     parser.add_argument("--eval-blocks", type=int, default=64, help="validation blocks (of --block-size tokens)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,

