@@ -247,6 +247,14 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert (grads[0][name] - grads[1][name]).abs().max().item() < 1e-12, name
 
 
+def test_default_cms_inner_rate_scales_with_width_and_chunk():
+    model = apply_hope_adapter(tiny_llama(), HopeAdapterConfig(layers=[1], cms_chunk_sizes=[2, 5], mlp_chunk_size=8))
+    layer = model.model.layers[1]
+    for level in layer.hope_cms.levels:
+        assert torch.nn.functional.softplus(level.eta_logit).item() == pytest.approx(0.1 / (24 * 5), rel=1e-5)
+    assert torch.nn.functional.softplus(layer.mlp.eta_logit).item() == pytest.approx(0.1 / (24 * 8), rel=1e-5)
+
+
 def test_multi_frequency_periods_of_the_adapted_levels():
     model = adapted(seed=11, perturb=False, trainable_pretrained_levels=True)
     freeze_base(model)
