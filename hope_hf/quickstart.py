@@ -100,7 +100,7 @@ def show_memories(cache, config) -> list[list[Optional[int]]]:
     print(f"memories after reading {int(cache.seen_tokens[0])} tokens (CMS fast-weight updates per level):")
     for layer in range(config.num_hidden_layers):
         layer_counts = [None if c is None else int(c[0]) for c in cache.cms_update_counts(layer)]
-        levels = ", ".join(f"C={size}: {'static' if c is None else f'{c} updates'}"
+        levels = ", ".join(f"C={size}: " + ("static" if c is None else f"{c} update" + "s" * (c != 1))
                            for size, c in zip(config.cms_chunk_sizes, layer_counts))
         print(f"  layer {layer}: {levels}")
         counts.append(layer_counts)

@@ -28,5 +28,6 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     seen = result["tokens_read"]
     assert seen >= 8 and result["cms_update_counts"] == [[seen // 4, seen // 8, None]]
     out = capsys.readouterr().out
-    assert f"layer 0: C=4: {seen // 4} updates, C=8: {seen // 8} updates, C=None: static" in out
+    plural = "" if seen // 8 == 1 else "s"
+    assert f"layer 0: C=4: {seen // 4} updates, C=8: {seen // 8} update{plural}, C=None: static" in out
     assert "| HOPE |" in out and "| Llama |" in out
