@@ -89,6 +89,7 @@ def train_model(
     budget: TrainBudget,
     desc: str = "training",
     on_step: Optional[Callable[[int, nn.Module], None]] = None,
+    stop_at: Optional[int] = None,
 ) -> dict[str, Any]:
     """Train `model` on random batches of `dataset` (`{"input_ids", "labels", "attention_mask"}` items) with
     AdamW for `budget.steps` steps. The batches depend only on `budget.seed`, so two models trained with the
@@ -96,6 +97,8 @@ def train_model(
 
     Args:
         on_step: called as `on_step(step, model)` after each optimizer step (e.g. periodic evaluation).
+        stop_at: stop after this many steps without changing the schedule (set by `budget.steps`): a model
+            compared with a run that `budget.minutes` cut short gets exactly the same batches and learning rates.
 
     Returns:
         `{"steps", "seconds", "final_train_loss" (mean of the last 10% of steps), "losses"}`.
@@ -125,6 +128,8 @@ def train_model(
         if on_step is not None:
             on_step(step + 1, model)
         if budget.minutes is not None and time.perf_counter() - start > 60 * budget.minutes:
+            break
+        if stop_at is not None and step + 1 >= stop_at:
             break
     bar.close()
     tail = losses[-max(1, len(losses) // 10):]
@@ -212,6 +217,8 @@ def plot_grouped_bars(path: str | Path, groups: Sequence[str], series: Mapping[s
         ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7)
     if reference is not None:
         ax.axhline(reference, color="gray", linestyle="--", linewidth=1, label=f"chance ({reference:g})")
+    if all(0.0 <= v <= 1.0 for values in series.values() for v in values):
+        ax.set_ylim(0.0, 1.1)  # accuracies: the full scale, room for the labels
     ax.set_xticks(range(len(groups)), groups, rotation=20)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -104,13 +104,15 @@ def budget_for(suite: str, args: argparse.Namespace) -> TrainBudget:
 def compare(args: argparse.Namespace, config: HopeConfig, max_positions: int, train_set, collate, budget: TrainBudget,
             evaluations: dict[str, Callable[[torch.nn.Module], float]], task: dict[str, Any]) -> list[dict[str, Any]]:
     """Train each model of `args.models` on `train_set` with `budget`; one row per model with `task`'s fields,
-    the training summary and every entry of `evaluations` (`name: model -> accuracy`)."""
-    rows = []
+    the training summary and every entry of `evaluations` (`name: model -> accuracy`). If `budget.minutes`
+    cuts the first model's run short, the next ones stop at the same step (same batches, same schedule)."""
+    rows, stop_at = [], None
     for name, model in hope_and_llama(config, max_positions, seed=args.seed).items():
         if name not in args.models:
             continue
         label = " ".join(f"{k}={v}" for k, v in task.items())
-        summary = train_model(model, train_set, collate, budget, desc=f"{name} {label}")
+        summary = train_model(model, train_set, collate, budget, desc=f"{name} {label}", stop_at=stop_at)
+        stop_at = stop_at or summary["steps"]
         row = {**task, "model": name, "parameters": count_parameters(model), "steps": summary["steps"],
                "seconds": summary["seconds"], "final_train_loss": round(summary["final_train_loss"], 4)}
         row.update({metric: round(evaluate(model), 4) for metric, evaluate in evaluations.items()})

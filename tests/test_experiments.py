@@ -70,6 +70,9 @@ def test_train_model_gives_every_model_the_same_batches():
     train_model(c, data, collate, TrainBudget(steps=6, batch_size=4, lr=1e-3, seed=1))
     assert all(torch.equal(x, y) for x, y in zip(a.seen, b.seen))
     assert not all(torch.equal(x, y) for x, y in zip(a.seen, c.seen))
+    d = Recorder()  # stopped early (as after a time-capped run): the same first batches
+    assert train_model(d, data, collate, budget, stop_at=3)["steps"] == 3
+    assert len(d.seen) == 3 and all(torch.equal(x, y) for x, y in zip(a.seen, d.seen))
     with pytest.raises(ValueError, match="TrainBudget.steps"):
         TrainBudget(steps=0)
 
