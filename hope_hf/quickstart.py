@@ -11,7 +11,7 @@
 6. with `--baseline`, trains a `LlamaForCausalLM` of the same width, depth and parameter count on the
    same batches and prints both perplexities.
 
-    python -m hope_hf.quickstart [--baseline] [--max-steps 300] [--minutes 5] [--out runs/quickstart]
+    python -m hope_hf.quickstart [--baseline] [--max-steps 200] [--minutes 4.5] [--out runs/quickstart]
 
 Every `HopeConfig` knob is a flag (`--hidden_size 128 --cms_chunk_sizes 8 32 none ...`).
 """
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/quickstart", help="output folder (model, tokenizer, card, results)")
     parser.add_argument("--max-steps", type=int, default=200, help="training steps (upper bound)")
-    parser.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget of each training run")
+    parser.add_argument("--minutes", type=float, default=4.5,
+                        help="wall-clock budget of each training run (keeps the whole command under ~10 min)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=128, help="tokens per training sequence")
     parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
