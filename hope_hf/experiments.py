@@ -101,7 +101,8 @@ def train_model(
             compared with a run that `budget.minutes` cut short gets exactly the same batches and learning rates.
 
     Returns:
-        `{"steps", "seconds", "final_train_loss" (mean of the last 10% of steps), "losses"}`.
+        `{"steps", "seconds", "final_train_loss" (mean of the last 10% of steps), "diverged_at_step", "losses"}`;
+        a non-finite loss stops the run and is recorded in `diverged_at_step` (None if it never happened).
     """
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=budget.lr, betas=(0.9, 0.95),
@@ -109,6 +110,7 @@ def train_model(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, budget))
     generator = torch.Generator().manual_seed(budget.seed)
     losses: list[float] = []
+    diverged_at: Optional[int] = None
     start = time.perf_counter()
     model.train()
     bar = tqdm(range(budget.steps), desc=desc, dynamic_ncols=True, leave=False)
@@ -125,6 +127,9 @@ def train_model(
         scheduler.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if not math.isfinite(losses[-1]):  # report the divergence rather than train on NaN
+            diverged_at = step + 1
+            break
         if on_step is not None:
             on_step(step + 1, model)
         if budget.minutes is not None and time.perf_counter() - start > 60 * budget.minutes:
@@ -134,7 +139,7 @@ def train_model(
     bar.close()
     tail = losses[-max(1, len(losses) // 10):]
     return {"steps": len(losses), "seconds": round(time.perf_counter() - start, 1),
-            "final_train_loss": sum(tail) / len(tail), "losses": losses}
+            "final_train_loss": sum(tail) / len(tail), "diverged_at_step": diverged_at, "losses": losses}
 
 
 @torch.no_grad()

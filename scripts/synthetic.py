@@ -112,9 +112,11 @@ def compare(args: argparse.Namespace, config: HopeConfig, max_positions: int, tr
             continue
         label = " ".join(f"{k}={v}" for k, v in task.items())
         summary = train_model(model, train_set, collate, budget, desc=f"{name} {label}", stop_at=stop_at)
-        stop_at = stop_at or summary["steps"]
+        if summary["diverged_at_step"] is None:  # a diverged run does not shorten the others
+            stop_at = stop_at or summary["steps"]
         row = {**task, "model": name, "parameters": count_parameters(model), "steps": summary["steps"],
-               "seconds": summary["seconds"], "final_train_loss": round(summary["final_train_loss"], 4)}
+               "seconds": summary["seconds"], "final_train_loss": round(summary["final_train_loss"], 4),
+               "diverged_at_step": summary["diverged_at_step"]}
         row.update({metric: round(evaluate(model), 4) for metric, evaluate in evaluations.items()})
         print("  " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
         rows.append(row)

@@ -73,6 +73,14 @@ def test_train_model_gives_every_model_the_same_batches():
     d = Recorder()  # stopped early (as after a time-capped run): the same first batches
     assert train_model(d, data, collate, budget, stop_at=3)["steps"] == 3
     assert len(d.seen) == 3 and all(torch.equal(x, y) for x, y in zip(a.seen, d.seen))
+    class Diverging(Recorder):
+        def forward(self, input_ids, attention_mask, labels, use_cache):
+            out = super().forward(input_ids, attention_mask, labels, use_cache)
+            return SimpleNamespace(loss=out.loss * (float("nan") if len(self.seen) == 3 else 1.0))
+
+    summary = train_model(Diverging(), data, collate, budget)  # a NaN loss stops the run and is recorded
+    assert summary["steps"] == 3 and summary["diverged_at_step"] == 3
+    assert train_model(Recorder(), data, collate, budget)["diverged_at_step"] is None
     with pytest.raises(ValueError, match="TrainBudget.steps"):
         TrainBudget(steps=0)
 
