@@ -5,8 +5,9 @@ Everything is per sample and batch-first (counters are `[B]` tensors), so beam r
 - memories: `mem.<X>.<W>` (current state) and `mem.<X>.<W>.start` (chunk-start state);
 - the short-convolution tail `conv` [B, conv_window - 1, d];
 - attention: `keys`/`values` [B, H, L, D] and `key_mask` [B, L];
-- CMS level l: `cms.<l>.<gate|up|down>` fast weights, `cms.<l>.grad.<...>` gradient summed over
-  the current chunk, `cms.<l>.num_updates` [B].
+- CMS level l: `cms.<l>.<gate|up|down>` fast weights, `cms.<l>.buffer` [B, C_l, d] the inputs of
+  the open chunk (rows `[0, seen % C_l)`, the rest zero: the chunk's gradient is taken when it
+  completes), `cms.<l>.num_updates` [B].
 Cache-wide: `seen_tokens` [B] (real tokens per sample) and `seen_columns` (input columns, pads
 included: what `generate()` asks `get_seq_length()` for).
 """
@@ -19,6 +20,9 @@ from typing import Dict, List, Optional
 
 import torch
 from transformers.cache_utils import Cache
+
+
+CACHE_FORMAT = "hope-cache-v2"
 
 
 def signature_diff(cached: dict, expected: dict) -> dict:
@@ -161,7 +165,7 @@ class HopeCache(Cache):
                 # completed), and safetensors refuses tensors that share memory.
                 tensors[f"layers.{i}.{name}"] = tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
         metadata = {"signature": json.dumps(self.signature, sort_keys=True), "seen_columns": str(self.seen_columns),
-                    "format": "hope-cache-v1"}
+                    "format": CACHE_FORMAT}
         path = os.fspath(path)
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
@@ -178,7 +182,10 @@ class HopeCache(Cache):
 
         with safe_open(os.fspath(path), framework="pt", device=str(device or "cpu")) as f:
             metadata = f.metadata() or {}
-            if metadata.get("format") != "hope-cache-v1":
+            if metadata.get("format") == "hope-cache-v1":
+                raise ValueError(f"{path} is a hope-cache-v1 file (CMS levels stored summed gradients); this version "
+                                 f"stores the open chunk's inputs (hope-cache-v2): recompute the cache")
+            if metadata.get("format") != CACHE_FORMAT:
                 raise ValueError(f"{path} is not a HopeCache file (format={metadata.get('format')!r})")
             saved = json.loads(metadata["signature"])
             cache = cls(config)

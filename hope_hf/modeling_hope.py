@@ -312,17 +312,16 @@ class CMSLevel(nn.Module):
         params = {"gate": self.gate_proj.weight, "up": self.up_proj.weight, "down": self.down_proj.weight}
         theta = {k: state.get(f"{prefix}.{k}", p.to(state_dtype(p.dtype)).unsqueeze(0).expand(batch, *p.shape))
                  for k, p in params.items()}
-        # None: no partial chunk pending (saves adding zeros to the first chunk's gradient).
-        grad_sum = {k: state[f"{prefix}.grad.{k}"] for k in params} if f"{prefix}.grad.gate" in state else None
+        buffer = state.get(f"{prefix}.buffer")  # [B, C, d]: the open chunk's inputs (None: empty)
         num_updates = state.get(f"{prefix}.num_updates", torch.zeros(batch, dtype=torch.long, device=n.device))
-        y, theta, grad_sum, num_updates = get_scans(self.config)[2](
-            n, theta, grad_sum, num_updates, seen, mask, self.value_proj.weight,
+        y, theta, buffer, num_updates = get_scans(self.config)[2](
+            n, theta, buffer, num_updates, seen, mask, self.value_proj.weight,
             F.softplus(self.eta_logit), torch.sigmoid(self.alpha_logit), self.chunk_size,
             self.config.in_context_updates,
         )
         for k in params:
             state[f"{prefix}.{k}"] = theta[k]
-            state[f"{prefix}.grad.{k}"] = grad_sum[k]
+        state[f"{prefix}.buffer"] = buffer
         state[f"{prefix}.num_updates"] = num_updates
         return y
 

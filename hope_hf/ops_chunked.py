@@ -58,6 +58,9 @@ class ChunkGrid:
         batch, length = mask.shape
         self.chunk_size = chunk_size
         offset = seen % chunk_size  # [B]
+        if length == 1:  # decoding: one slot per sample, no alignment needed
+            self._single_token(offset, mask[:, 0], chunk_size)
+            return
         counts = mask.long().sum(1)  # [B]
         self.uniform = bool(mask.all()) and bool((offset == offset[0]).all())
         if self.uniform:
@@ -100,6 +103,21 @@ class ChunkGrid:
                 if bool(inside.any()):
                     self.pads[i] = (pad_sample[inside], pad_token[inside])
 
+    def _single_token(self, offset: torch.Tensor, active: torch.Tensor, chunk_size: int) -> None:
+        """One token per sample: every sample's token is the grid's only slot (its chunk position
+        differs per sample, but a one-token segment needs no alignment); a padding token reads
+        its sample's current chunk-start state in place."""
+        all_active = bool(active.all())
+        self.uniform, self.lo, self.length = True, 0, 1
+        self.active = None if all_active else active[:, None]
+        self.segments = [(0, 1)]
+        completes = (offset + 1) % chunk_size == 0
+        if not all_active:
+            completes = completes & active
+        any_complete = bool(completes.any())
+        self.completes = [(bool(completes.all()) or completes) if any_complete else False]
+        self.pads = [None]
+
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, ...] -> [B, L, ...] grid layout (fillers are zero)."""
         if self.uniform:
@@ -120,6 +138,11 @@ class ChunkGrid:
             if pads is not None:
                 out = out.index_put(pads, values.to(out.dtype))
         return out
+
+    def split(self, x: torch.Tensor, dim: int = 1) -> Tuple[torch.Tensor, ...]:
+        """Grid-layout x cut into its segments along `dim` (one autograd node for all pieces; slicing
+        per segment would give each piece a backward that writes a full-length gradient)."""
+        return x.split([stop - start for start, stop in self.segments], dim=dim)
 
     def segment_active(self, seg: Tuple[int, int]) -> Optional[torch.Tensor]:
         """[B, len] bool of real tokens in a segment, or None when all are real."""
@@ -178,20 +201,6 @@ def dgd_terms(
     return terms
 
 
-def unit_lower_inverse(strictly_lower: torch.Tensor) -> torch.Tensor:
-    """`(I + N)^-1` for a strictly lower-triangular N [..., C, C], as the finite product
-    `(I - N)(I + N^2)(I + N^4)...` (N is nilpotent: N^C = 0). A few batched matmuls: on CPU this is
-    several times faster than `torch.linalg.solve_triangular` on small batched systems, and
-    autograd through it is plain matmul backward."""
-    size = strictly_lower.shape[-1]
-    power = -strictly_lower
-    inverse = torch.eye(size, dtype=power.dtype, device=power.device) + power
-    for _ in range(max(0, math.ceil(math.log2(size)) - 1)):
-        power = power @ power
-        inverse = inverse + inverse @ power
-    return inverse
-
-
 def dgd_chunk(
     weight: torch.Tensor, unit: torch.Tensor, write: torch.Tensor, eta: torch.Tensor, log_alpha: torch.Tensor
 ) -> torch.Tensor:
@@ -219,7 +228,7 @@ def dgd_chunk(
     decay = (log_gamma_prev[..., :, None] - log_gamma[..., None, :]).masked_fill(~strictly_lower, -math.inf).exp()
     system = eta[..., :, None] * decay * (unit @ unit.transpose(-1, -2))  # [..., C, C], strictly lower
     rhs = write - (eta * log_gamma_prev.exp())[..., None] * (unit @ weight.transpose(-1, -2))  # [..., C, O]
-    pseudo = unit_lower_inverse(system) @ rhs
+    pseudo = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
     tail = (log_gamma[..., -1:] - log_gamma).exp()  # gamma_C / gamma_s, [..., C]
     return log_gamma[..., -1, None, None].exp() * weight + (pseudo * tail[..., None]).transpose(-1, -2) @ unit
 
@@ -280,15 +289,14 @@ def _run_main_memory(
     q, key, value = (_heads_first(x).to(dtype) for x in (q, key, value))  # [B, H, L, D]
     eta, alpha = (x.transpose(1, 2).to(dtype) for x in (eta, alpha))  # [B, H, L]
     outputs, pad_reads = [], []
-    for seg, completes, pads in zip(grid.segments, grid.completes, grid.pads):
-        part = slice(*seg)
-        outputs.append(memory_read_chunk(start, q[:, :, part], rule.activation))
+    pieces = zip(*(grid.split(x, dim=2) for x in (q, key, value, eta, alpha)))
+    for seg, completes, pads, (q_c, key_c, value_c, eta_c, alpha_c) in zip(grid.segments, grid.completes, grid.pads, pieces):
+        outputs.append(memory_read_chunk(start, q_c, rule.activation))
         pad_reads.append(None if pads is None else _read_at(start, pad_queries[pads], pads[0], rule))
         if not rule.updates:
             continue
-        key_c, value_c = key[:, :, part], value[:, :, part]
         target = memory_read_chunk(start, value_c, rule.activation) if self_generated else value_c
-        eta_c, log_alpha_c = _masked(eta[:, :, part], alpha[:, :, part], grid.segment_active(seg))
+        eta_c, log_alpha_c = _masked(eta_c, alpha_c, grid.segment_active(seg))
         current = _memory_chunk_update(start, current, key_c, target, eta_c, log_alpha_c, rule)
         start = select_where(completes, current, start)
     return torch.cat(outputs, dim=2).transpose(1, 2), pad_reads, start, current
@@ -327,8 +335,19 @@ PROJECTION_MEMORIES = ("k", "v", "eta", "alpha")
 
 
 def _stack(states: MemoryStates, names) -> MemoryState:
-    """Memories with the same chunk size, stacked on dim 1: weight [B, X, H, O, I]."""
-    return {w: torch.stack([states[name][w] for name in names], dim=1) for w in states[names[0]]}
+    """Memories with the same chunk size, stacked on dim 1: weight [B, X, H, O, I]. States that
+    `_unstack` made (views of one stacked tensor, as kept in a cache between calls) are not copied."""
+    stacked = {}
+    for w in states[names[0]]:
+        parts = [states[name][w] for name in names]
+        base = parts[0]._base
+        if (base is not None and base.dim() == parts[0].dim() + 1 and base.shape[1] == len(parts)
+                and all(p._base is base and p.data_ptr() == base[:, i].data_ptr() and p.stride() == base[:, i].stride()
+                        for i, p in enumerate(parts))):
+            stacked[w] = base
+        else:
+            stacked[w] = torch.stack(parts, dim=1)
+    return stacked
 
 
 def _unstack(stacked: MemoryState, names) -> MemoryStates:
@@ -362,8 +381,8 @@ def self_modifying_chunked(
     proj_start, proj_current = _stack(start, names), _stack(current, names)
     a_grid = _heads_first(grid.scatter(a)).to(dtype)  # [B, H, L, D]
     keys, unit_values, etas, alphas = [], [], [], []
-    for seg, completes in zip(grid.segments, grid.completes):
-        a_c = a_grid[:, :, slice(*seg)].unsqueeze(1)  # [B, 1, H, C, D]
+    for seg, completes, a_c in zip(grid.segments, grid.completes, grid.split(a_grid, dim=2)):
+        a_c = a_c.unsqueeze(1)  # [B, 1, H, C, D]
         # Every read and self-generated value uses the chunk-start states (paper Eq. 90).
         reads = memory_read_chunk(proj_start, a_c, rule.activation)  # [B, 4, H, C, D]
         k_c = l2norm(reads[:, 0], rule.eps)  # [B, H, C, D]

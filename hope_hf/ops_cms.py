@@ -5,7 +5,13 @@ A level with chunk size `C` reads every token of a chunk with the chunk-start fa
 
     theta <- alpha * theta - eta * sum_{t in chunk} grad_theta 1/2 ||swiglu_theta(n_t) - z_t||^2
 
-(`z_t = n_t W_V`). Each summed gradient is one matmul over the chunk (`grad_gate = dg^T X`, ...).
+(`z_t = n_t W_V`). The open chunk's inputs wait in a buffer ([B, C, d], in the cache); its summed
+gradient is taken only when it completes, over the whole chunk at once (one matmul per weight),
+so a decoding step costs one read of `theta`.
+
+Positions are counted in a *frame* that starts at the open chunk's first token: the buffered
+inputs fill slots `[0, seen % C)` and this call's tokens follow (`ChunkGrid` positions), so
+every chunk of the frame is `[i C, (i + 1) C)`.
 
 Two implementations of the same recurrence:
 - `cms_chunked` in plain autograd ops: any padding and per-sample chunk positions, any dtype;
@@ -31,44 +37,98 @@ Weights = Dict[str, torch.Tensor]
 NAMES = ("gate", "up", "down")
 
 
+def _weight(w: torch.Tensor) -> torch.Tensor:
+    """A fast weight shared by the whole batch (an expanded parameter, stride 0) as one 2-D matrix,
+    so that `[B, C, d] @ W^T` is one matmul over B*C rows."""
+    return w[0] if w.dim() == 3 and w.stride(0) == 0 else w
+
+
 def swiglu_chunk(weights: Weights, n: torch.Tensor):
     """Per-sample SwiGLU on a chunk. n: [B, C, Dm]; gate/up: [B, I, Dm]; down: [B, Dm, I].
     Returns (output [B, C, Dm], gate pre-activation, up, hidden [B, C, I])."""
-    gate = n @ weights["gate"].transpose(-1, -2)
-    up = n @ weights["up"].transpose(-1, -2)
+    gate = n @ _weight(weights["gate"]).transpose(-1, -2)
+    up = n @ _weight(weights["up"]).transpose(-1, -2)
     hidden = F.silu(gate) * up
-    return hidden @ weights["down"].transpose(-1, -2), gate, up, hidden
+    return hidden @ _weight(weights["down"]).transpose(-1, -2), gate, up, hidden
 
 
 def swiglu_chunk_gradient_sum(weights: Weights, n: torch.Tensor, target: torch.Tensor, active: Optional[torch.Tensor]):
     """Outputs, and the sum over a chunk's real tokens of the gradients of
     `1/2 ||swiglu(n_t) - target_t||^2` w.r.t. gate, up, down (the hand-derived
-    `ops_reference.swiglu_gradients`, summed by one matmul each). n, target: [B, C, Dm]; active:
-    [B, C] or None."""
+    `ops_reference.swiglu_gradients`, summed by one matmul each).
+    n, target: [B, C, Dm]; active: [B, C] or None."""
     out, gate, up, hidden = swiglu_chunk(weights, n)
     error = out - target
     if active is not None:
         error = error * active.unsqueeze(-1).to(error.dtype)
-    grad_hidden = error @ weights["down"]  # [B, C, I]
+    grad_hidden = error @ _weight(weights["down"])  # [B, C, I]
     sig = torch.sigmoid(gate)
     grad_gate = grad_hidden * up * sig * (1 + gate * (1 - sig))
     grad_up = grad_hidden * F.silu(gate)
+    state_dtype = weights["gate"].dtype
     sums = {
         "gate": grad_gate.transpose(-1, -2) @ n,
         "up": grad_up.transpose(-1, -2) @ n,
         "down": error.transpose(-1, -2) @ hidden,
     }
-    return out, sums
+    return out, {name: g.to(state_dtype) for name, g in sums.items()}
 
 
-def _state_like(theta: Weights, batch: int) -> Weights:
-    return {name: w.new_zeros(batch, *w.shape[1:]) for name, w in theta.items()}
+def _decayed(theta: Weights, total: Weights, eta: torch.Tensor, alpha: torch.Tensor) -> Weights:
+    """`alpha * theta - eta * total`; without autograd, in two passes over each weight."""
+    if torch.is_grad_enabled():
+        return {name: alpha * theta[name] - eta * total[name] for name in theta}
+    return {name: (theta[name] * float(alpha)).sub_(total[name], alpha=float(eta)) for name in theta}
+
+
+class Frame:
+    """This call's tokens after the buffered inputs of the open chunk, on the chunk grid.
+
+    grid: the `ChunkGrid` of the call's tokens (slots from `lo = min(seen % C)`); buffer:
+    [B, C, d] with rows `[0, seen % C)` filled. `x` [B, hi, d] holds the buffered rows at their
+    slots and the tokens at theirs; `segments` are the frame's chunks; `out_starts[i]` the first
+    slot of segment i whose output is emitted (slots before `lo` were emitted by earlier calls).
+    """
+
+    def __init__(self, grid: ChunkGrid, n: torch.Tensor, buffer: torch.Tensor, seen: torch.Tensor, mask: torch.Tensor):
+        chunk, lo = grid.chunk_size, grid.lo
+        self.grid, self.lo = grid, lo
+        n_grid = grid.scatter(n)  # [B, L, d], slots lo..hi
+        hi = lo + n_grid.shape[1]
+        if not grid.uniform and lo < min(chunk, hi):
+            # samples further into their chunk than `lo` have buffered rows in slots [lo, offset)
+            head = n_grid[:, : min(chunk, hi) - lo] + buffer[:, lo : min(chunk, hi)].to(n_grid.dtype)
+            n_grid = torch.cat([head, n_grid[:, head.shape[1]:]], dim=1)
+        self.x = torch.cat([buffer[:, :lo].to(n_grid.dtype), n_grid], dim=1) if lo > 0 else n_grid
+        self.segments = [(0 if i == 0 else start + lo, stop + lo) for i, (start, stop) in enumerate(grid.segments)]
+        self.out_starts = [max(start, lo) for start, _ in self.segments]
+        end = seen % chunk + mask.long().sum(1)  # [B] frame slot after each sample's last token
+        self.end = end
+        slots = torch.arange(hi, device=n.device)
+        self.active = None if grid.uniform else slots[None, :] < end[:, None]  # real tokens and buffered rows
+
+    def segment_active(self, i: int) -> Optional[torch.Tensor]:
+        start, stop = self.segments[i]
+        return None if self.active is None else self.active[:, start:stop]
+
+    def next_buffer(self, chunk: int) -> torch.Tensor:
+        """[B, C, d]: the inputs of each sample's open chunk after this call (zero-padded)."""
+        x, batch, hi = self.x, self.x.shape[0], self.x.shape[1]
+        fill = self.end % chunk
+        if self.grid.uniform:
+            count = hi % chunk
+            rows = x[:, hi - count :]
+            return torch.cat([rows, rows.new_zeros(batch, chunk - count, rows.shape[-1])], dim=1)
+        slot = (self.end - fill)[:, None] + torch.arange(chunk, device=x.device)[None, :]  # [B, C]
+        keep = torch.arange(chunk, device=x.device)[None, :] < fill[:, None]
+        rows = x.gather(1, slot.clamp(max=hi - 1)[..., None].expand(-1, -1, x.shape[-1]))
+        return rows * keep[..., None].to(rows.dtype)
 
 
 def cms_chunked(
     n: torch.Tensor,
     theta: Weights,
-    grad_sum: Optional[Weights],
+    buffer: Optional[torch.Tensor],
     num_updates: torch.Tensor,
     seen: torch.Tensor,
     mask: torch.Tensor,
@@ -78,60 +138,63 @@ def cms_chunked(
     chunk_size: int,
     updates: bool,
 ):
-    """Chunk-parallel `ops_reference.cms_scan` (same arguments and results; `grad_sum=None` means
-    no partial chunk is pending)."""
+    """Chunk-parallel `ops_reference.cms_scan` (same arguments and results)."""
     batch = n.shape[0]
-    state_dtype = next(iter(theta.values())).dtype
+    if buffer is None:
+        buffer = n.new_zeros(batch, chunk_size, n.shape[-1])
     if not updates:
-        return swiglu_chunk(theta, n)[0], theta, grad_sum or _state_like(theta, batch), num_updates
+        return swiglu_chunk(theta, n)[0], theta, buffer, num_updates
     grid = ChunkGrid(seen, mask, chunk_size)
-    n_grid = grid.scatter(n)
-    target = n_grid @ value_weight.t()
+    if n.shape[1] == 1:
+        return _cms_token(n, theta, buffer, num_updates, seen, mask, value_weight, eta, alpha, grid)
+    frame = Frame(grid, n, buffer, seen, mask)
     if grid.uniform and torch.is_grad_enabled():
-        pending = None if grad_sum is None else tuple(grad_sum[name] for name in NAMES)
-        y, *flat = CMSChunkFunction.apply(
-            n_grid, target, eta, alpha, tuple(grid.segments), tuple(grid.completes), *(theta[k] for k in NAMES),
-            *(pending or (None, None, None)),
+        target = frame.x @ value_weight.t()
+        y, *weights = CMSChunkFunction.apply(
+            frame.x, target, eta, alpha, tuple(frame.segments), tuple(grid.completes), frame.lo,
+            *(theta[k] for k in NAMES),
         )
-        theta = dict(zip(NAMES, flat[:3]))
-        pending = dict(zip(NAMES, flat[3:])) if flat[3] is not None else None
         num_updates = num_updates + sum(1 for done in grid.completes if done)
-        return y.to(n.dtype), theta, pending or _state_like(theta, batch), num_updates
+        return y.to(n.dtype), dict(zip(NAMES, weights)), frame.next_buffer(chunk_size), num_updates
     outputs, pad_outputs = [], []
-    pending = grad_sum
-    for seg, completes, pads in zip(grid.segments, grid.completes, grid.pads):
-        part = slice(*seg)
-        out, sums = swiglu_chunk_gradient_sum(theta, n_grid[:, part], target[:, part], grid.segment_active(seg))
-        outputs.append(out)
+    for i, (completes, pads) in enumerate(zip(grid.completes, grid.pads)):
+        start, stop = frame.segments[i]
+        out_start = frame.out_starts[i]
         if pads is not None:  # padding reads the chunk-start weights, like the next real token
             chosen = {name: w.expand(batch, *w.shape[1:])[pads[0]] for name, w in theta.items()}
             pad_outputs.append(swiglu_chunk(chosen, n[pads].unsqueeze(1))[0].squeeze(1))
         else:
             pad_outputs.append(None)
-        total = sums if pending is None else {name: pending[name] + sums[name] for name in sums}
-        total = {name: g.to(state_dtype) for name, g in total.items()}
         if completes is False:
-            pending = total
+            outputs.append(swiglu_chunk(theta, frame.x[:, out_start:stop])[0])
             continue
-        updated = {name: alpha * theta[name] - eta * total[name] for name in theta}
-        theta = select_where(completes, updated, theta)
-        if completes is True:
-            pending = None
-            num_updates = num_updates + 1
-        else:
-            pending = {name: torch.where(completes.view(-1, 1, 1), torch.zeros_like(g), g) for name, g in total.items()}
-            num_updates = num_updates + completes.long()
+        x = frame.x[:, start:stop]
+        out, total = swiglu_chunk_gradient_sum(theta, x, x @ value_weight.t(), frame.segment_active(i))
+        outputs.append(out[:, out_start - start :])
+        theta = select_where(completes, _decayed(theta, total, eta, alpha), theta)
+        num_updates = num_updates + (1 if completes is True else completes.long())
     y = grid.gather(torch.cat(outputs, dim=1), pad_outputs)
-    return y.to(n.dtype), theta, pending or _state_like(theta, batch), num_updates
+    return y.to(n.dtype), theta, frame.next_buffer(chunk_size), num_updates
+
+
+def _cms_token(n, theta, buffer, num_updates, seen, mask, value_weight, eta, alpha, grid: ChunkGrid):
+    """One token per sample (decoding): read, buffer the input, and for the samples whose chunk
+    it completes, take the chunk's gradient from the buffer and update."""
+    chunk_size = buffer.shape[1]
+    out = swiglu_chunk(theta, n)[0]
+    slot = (seen % chunk_size)[:, None] == torch.arange(chunk_size, device=n.device)[None, :]  # [B, C]
+    write = slot & mask[:, :1]
+    buffer = torch.where(write[..., None], n.to(buffer.dtype), buffer)
+    completes = grid.completes[0]
+    if completes is not False:
+        _, total = swiglu_chunk_gradient_sum(theta, buffer, buffer @ value_weight.t().to(buffer.dtype), None)
+        theta = select_where(completes, _decayed(theta, total, eta, alpha), theta)
+        buffer = torch.zeros_like(buffer) if completes is True else buffer * (~completes).view(-1, 1, 1)
+        num_updates = num_updates + (1 if completes is True else completes.long())
+    return out, theta, buffer, num_updates
 
 
 # --- the hand-derived backward ---------------------------------------------------------------------
-def _weight(w: torch.Tensor) -> torch.Tensor:
-    """A fast weight shared by the whole batch (an expanded parameter, stride 0) as one 2-D matrix,
-    so that `[B, C, d] @ W^T` is one matmul over B*C rows."""
-    return w[0] if w.dim() == 3 and w.stride(0) == 0 else w
-
-
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b, in place (fused into the GEMM outside autocast)."""
     if torch.is_autocast_enabled("cpu") or a.dtype != acc.dtype or b.dtype != acc.dtype:
@@ -141,9 +204,10 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 class _Chunk:
-    """Activations of one chunk, recomputed from its inputs and chunk-start weights."""
+    """Activations of one chunk, recomputed from its inputs and chunk-start weights; with
+    `target=None` only the forward (what an open chunk needs)."""
 
-    def __init__(self, weights: Tuple[torch.Tensor, ...], n: torch.Tensor, target: torch.Tensor) -> None:
+    def __init__(self, weights: Tuple[torch.Tensor, ...], n: torch.Tensor, target: Optional[torch.Tensor]) -> None:
         gate_w, up_w, down_w = (_weight(w) for w in weights)
         self.n = n
         self.gate = n @ gate_w.transpose(-1, -2)  # [B, C, I]
@@ -152,27 +216,20 @@ class _Chunk:
         self.act = self.gate * self.sig  # silu(gate)
         self.hidden = self.act * self.up
         self.out = self.hidden @ down_w.transpose(-1, -2)  # [B, C, d]
+        self.dsilu = self.sig * (1 + self.gate * (1 - self.sig))
+        if target is None:
+            return
         self.error = self.out - target
         self.grad_hidden = self.error @ down_w  # [B, C, I]
-        self.dsilu = self.sig * (1 + self.gate * (1 - self.sig))
         self.grad_gate = self.grad_hidden * self.up * self.dsilu
         self.grad_up = self.grad_hidden * self.act
 
-    def gradient_sums(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(sum grad gate [B, I, d], up [B, I, d], down [B, d, I])."""
+    def step(self, weights, eta: float, alpha: float):
+        """The fast weights after this (complete) chunk."""
         n = self.n
-        return (self.grad_gate.transpose(-1, -2) @ n, self.grad_up.transpose(-1, -2) @ n,
+        sums = (self.grad_gate.transpose(-1, -2) @ n, self.grad_up.transpose(-1, -2) @ n,
                 self.error.transpose(-1, -2) @ self.hidden)
-
-
-def _step(weights, pending, chunk: _Chunk, complete: bool, eta: float, alpha: float):
-    """The fast weights and pending gradient after a chunk: (weights, pending)."""
-    state_dtype = weights[0].dtype
-    sums = [g.to(state_dtype) for g in chunk.gradient_sums()]
-    total = sums if pending is None else [p + g for p, g in zip(pending, sums)]
-    if not complete:
-        return weights, tuple(total)
-    return tuple(alpha * w - eta * g for w, g in zip(weights, total)), None
+        return tuple(alpha * w - eta * g.to(w.dtype) for w, g in zip(weights, sums))
 
 
 def _owned(t: torch.Tensor, inputs) -> torch.Tensor:
@@ -181,20 +238,18 @@ def _owned(t: torch.Tensor, inputs) -> torch.Tensor:
 
 
 class CMSChunkFunction(torch.autograd.Function):
-    """A CMS level over an aligned grid of chunks, with a hand-written backward.
+    """A CMS level over an aligned frame of chunks, with a hand-written backward.
 
-    Inputs: n, target [B, L, d]; eta, alpha: 0-dim tensors; segments: ((start, stop), ...);
-    completes: (bool, ...); gate, up, down: chunk-start fast weights; pending gate/up/down: the
-    gradient summed over the already-seen part of the first chunk, or None.
-    Outputs: y [B, L, d], the end weights and the end pending gradient (None if no chunk is open).
+    Inputs: x, target [B, L, d] (the frame: buffered rows then this call's tokens); eta, alpha:
+    0-dim tensors; segments: ((start, stop), ...) frame chunks; completes: (bool, ...); out_start:
+    the first slot whose output is returned; gate, up, down: chunk-start fast weights.
+    Outputs: y [B, L - out_start, d] and the end weights.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, n, target, eta, alpha, segments, completes, gate, up, down, pending_gate, pending_up, pending_down):
-        inputs = (gate, up, down, pending_gate, pending_up, pending_down)
+    def forward(ctx, x, target, eta, alpha, segments, completes, out_start, gate, up, down):
         weights = (gate, up, down)
-        pending = None if pending_gate is None else (pending_gate, pending_up, pending_down)
         eta_f, alpha_f = float(eta), float(alpha)
         # Keep the weights at the start of every `block`-th chunk (every chunk for short inputs);
         # the backward recomputes the others inside a block.
@@ -203,77 +258,80 @@ class CMSChunkFunction(torch.autograd.Function):
         outputs = []
         for i, ((start, stop), complete) in enumerate(zip(segments, completes)):
             if i % block == 0:
-                checkpoints.append((weights, pending))
-            chunk = _Chunk(weights, n[:, start:stop], target[:, start:stop])
-            outputs.append(chunk.out)
-            weights, pending = _step(weights, pending, chunk, complete, eta_f, alpha_f)
+                checkpoints.append(weights)
+            first = max(start, out_start)
+            if not complete:  # an open chunk: outputs only
+                outputs.append(_Chunk(weights, x[:, first:stop], None).out)
+                continue
+            chunk = _Chunk(weights, x[:, start:stop], target[:, start:stop])
+            outputs.append(chunk.out[:, first - start :])
+            weights = chunk.step(weights, eta_f, alpha_f)
         ctx.segments, ctx.completes, ctx.block, ctx.checkpoints = segments, completes, block, checkpoints
-        ctx.save_for_backward(n, target, eta, alpha)
-        weights = tuple(_owned(w, inputs) for w in weights)
-        pending = tuple(_owned(p, inputs) for p in pending) if pending is not None else (None, None, None)
-        return (torch.cat(outputs, dim=1), *weights, *pending)
+        ctx.out_start = out_start
+        ctx.save_for_backward(x, target, eta, alpha)
+        return (torch.cat(outputs, dim=1), *(_owned(w, (gate, up, down)) for w in weights))
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
-    def backward(ctx, grad_y, grad_gate, grad_up, grad_down, grad_pgate, grad_pup, grad_pdown):
-        n, target, eta, alpha = ctx.saved_tensors
+    def backward(ctx, grad_y, grad_gate, grad_up, grad_down):
+        x_all, target, eta, alpha = ctx.saved_tensors
         eta_f, alpha_f = float(eta), float(alpha)
         segments, completes, block, checkpoints = ctx.segments, ctx.completes, ctx.block, ctx.checkpoints
-        first_weights, first_pending = checkpoints[0]
-        state_dtype, batch = first_weights[0].dtype, n.shape[0]
+        out_start = ctx.out_start
+        first_weights = checkpoints[0]
+        state_dtype, batch = first_weights[0].dtype, x_all.shape[0]
 
         def adjoint(grad, like):
             if grad is None:
-                return torch.zeros(batch, *like.shape[1:], dtype=state_dtype, device=n.device)
+                return torch.zeros(batch, *like.shape[1:], dtype=state_dtype, device=x_all.device)
             return grad.to(state_dtype).clone(memory_format=torch.contiguous_format)
 
-        # Adjoints of the weights and of the pending sum after the current chunk, walking backwards.
+        # Adjoints of the weights after the current chunk, walking the chunks backwards.
         d_weights = [adjoint(g, w) for g, w in zip((grad_gate, grad_up, grad_down), first_weights)]
-        d_pending = None
-        if any(g is not None for g in (grad_pgate, grad_pup, grad_pdown)):
-            d_pending = [adjoint(g, w) for g, w in zip((grad_pgate, grad_pup, grad_pdown), first_weights)]
         if grad_y is None:
-            grad_y = torch.zeros_like(n)
-        grad_n, grad_target = torch.zeros_like(n), torch.zeros_like(target)
+            grad_y = x_all.new_zeros(batch, x_all.shape[1] - out_start, x_all.shape[2])
+        grad_x, grad_target = torch.zeros_like(x_all), torch.zeros_like(target)
         grad_eta = torch.zeros((), dtype=torch.float64)
         grad_alpha = torch.zeros((), dtype=torch.float64)
 
         for b in reversed(range(len(checkpoints))):
-            first, last = b * block, min(len(segments), (b + 1) * block)
-            weights, pending = checkpoints[b]
-            replay = []  # (weights, pending, chunk) at the start of each chunk of the block
-            for i in range(first, last):
+            first_chunk, last_chunk = b * block, min(len(segments), (b + 1) * block)
+            weights = checkpoints[b]
+            replay = []  # (weights, chunk) at the start of each chunk of the block
+            for i in range(first_chunk, last_chunk):
                 start, stop = segments[i]
-                chunk = _Chunk(weights, n[:, start:stop], target[:, start:stop])
-                replay.append((weights, pending, chunk))
-                if i < last - 1:
-                    weights, pending = _step(weights, pending, chunk, completes[i], eta_f, alpha_f)
-            for i in reversed(range(first, last)):
+                emitted = max(start, out_start)
+                chunk = _Chunk(weights, x_all[:, start:stop] if completes[i] else x_all[:, emitted:stop],
+                               target[:, start:stop] if completes[i] else None)
+                replay.append((weights, chunk))
+                if completes[i] and i < last_chunk - 1:
+                    weights = chunk.step(weights, eta_f, alpha_f)
+            for i in reversed(range(first_chunk, last_chunk)):
                 start, stop = segments[i]
-                weights, pending, chunk = replay[i - first]
+                weights, chunk = replay[i - first_chunk]
                 x = chunk.n
+                lo = start if completes[i] else max(start, out_start)  # the slots `chunk` covers
+                emitted = max(start, out_start)
                 gate_w, up_w, down_w = (_weight(w) for w in weights)
-                # The chunk's gradient sums G enter the next state as `-eta * G` (complete chunk)
-                # or as `pending + G` (open chunk): their adjoint is `scale * source`.
-                source, scale = (d_weights, -eta_f) if completes[i] else (d_pending, 1.0)
-                d_pending_in = None
-                if source is not None:
-                    q_gate = x @ source[0].to(x.dtype).transpose(-1, -2)  # [B, C, I]
-                    q_up = x @ source[1].to(x.dtype).transpose(-1, -2)
-                    q_error = chunk.hidden @ source[2].to(x.dtype).transpose(-1, -2)  # [B, C, d]
-                    q_hidden = chunk.error @ source[2].to(x.dtype)  # [B, C, I]
-                    if completes[i]:
-                        # <dW', G> without forming G: <dW, g^T x> = sum(g * (x dW^T)).
-                        grad_eta -= ((chunk.grad_gate * q_gate).sum() + (chunk.grad_up * q_up).sum()
-                                     + (chunk.error * q_error).sum()).double()
-                        for w, dw in zip(weights, d_weights):
-                            grad_alpha += (dw * w).sum().double()
-                        if pending is not None:
-                            grad_eta -= sum((dw * p).sum() for dw, p in zip(d_weights, pending)).double()
-                    if pending is not None:
-                        d_pending_in = [scale * s for s in source]
+                # this chunk's outputs' gradient, zero on the rows emitted by an earlier call
+                d_out = grad_y[:, emitted - out_start : stop - out_start].to(chunk.out.dtype)
+                if emitted > lo:
+                    d_out = torch.cat([d_out.new_zeros(batch, emitted - lo, d_out.shape[-1]), d_out], dim=1)
+                if completes[i]:
+                    # weights' = alpha * weights - eta * G, G = (g_gate^T x, g_up^T x, error^T hidden):
+                    # the adjoint of G is -eta * dW'. Its products with x, hidden and error:
+                    q_gate = x @ d_weights[0].to(x.dtype).transpose(-1, -2)  # [B, C, I]
+                    q_up = x @ d_weights[1].to(x.dtype).transpose(-1, -2)
+                    q_error = chunk.hidden @ d_weights[2].to(x.dtype).transpose(-1, -2)  # [B, C, d]
+                    q_hidden = chunk.error @ d_weights[2].to(x.dtype)  # [B, C, I]
+                    # <dW', G> without forming G: <dW, g^T x> = sum(g * (x dW^T)).
+                    grad_eta -= ((chunk.grad_gate * q_gate).sum() + (chunk.grad_up * q_up).sum()
+                                 + (chunk.error * q_error).sum()).double()
+                    for w, dw in zip(weights, d_weights):
+                        grad_alpha += (dw * w).sum().double()
+                    scale = -eta_f
                     d_grad_gate, d_grad_up = scale * q_gate, scale * q_up
-                    d_x = scale * (chunk.grad_gate @ source[0].to(x.dtype) + chunk.grad_up @ source[1].to(x.dtype))
+                    d_x = scale * (chunk.grad_gate @ d_weights[0].to(x.dtype) + chunk.grad_up @ d_weights[1].to(x.dtype))
                     # grad_gate = grad_hidden * up * dsilu(gate); grad_up = grad_hidden * act
                     d_grad_hidden = d_grad_up * chunk.act + d_grad_gate * chunk.up * chunk.dsilu
                     d_act = d_grad_up * chunk.grad_hidden
@@ -284,28 +342,24 @@ class CMSChunkFunction(torch.autograd.Function):
                     # grad_hidden = error @ down; error = out - target
                     d_error = scale * q_error + d_grad_hidden @ down_w.transpose(-1, -2)
                     grad_target[:, start:stop] -= d_error.to(grad_target.dtype)
-                    d_out = grad_y[:, start:stop] + d_error
+                    d_out = d_out + d_error
                     d_hidden = scale * q_hidden + d_out @ down_w
-                else:
-                    d_grad_hidden = None
-                    d_out = grad_y[:, start:stop]
-                    d_hidden = d_out @ down_w
-                    d_act = d_up = d_gate = d_x = 0.0
-                if completes[i]:
                     for dw in d_weights:  # weights' = alpha * weights - ...
                         dw.mul_(alpha_f)
+                else:
+                    d_grad_hidden = None
+                    d_hidden = d_out @ down_w
+                    d_act = d_up = d_gate = d_x = 0.0
                 # out = hidden @ down^T; hidden = act * up; act = silu(gate); gate/up = x @ W^T
                 d_act = d_act + d_hidden * chunk.up
                 d_up = d_up + d_hidden * chunk.act
                 d_gate = d_gate + d_act * chunk.dsilu
                 d_x = d_x + d_up @ up_w + d_gate @ gate_w
-                grad_n[:, start:stop] += d_x.to(grad_n.dtype)
+                grad_x[:, lo:stop] += d_x.to(grad_x.dtype)
                 _accumulate(d_weights[0], d_gate.transpose(-1, -2), x)
                 _accumulate(d_weights[1], d_up.transpose(-1, -2), x)
                 _accumulate(d_weights[2], d_out.transpose(-1, -2).to(chunk.hidden.dtype), chunk.hidden)
                 if d_grad_hidden is not None:
                     _accumulate(d_weights[2], chunk.error.transpose(-1, -2), d_grad_hidden)
-                d_pending = d_pending_in
-        grad_pending = tuple(d_pending) if first_pending is not None and d_pending is not None else (None, None, None)
-        return (grad_n, grad_target, grad_eta.to(eta.dtype), grad_alpha.to(alpha.dtype), None, None,
-                *d_weights, *grad_pending)
+        return (grad_x, grad_target, grad_eta.to(eta.dtype), grad_alpha.to(alpha.dtype), None, None, None,
+                *d_weights)

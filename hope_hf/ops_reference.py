@@ -161,7 +161,7 @@ def swiglu_gradients(weights: Dict[str, torch.Tensor], n: torch.Tensor, target: 
 def cms_scan(
     n: torch.Tensor,
     theta: Dict[str, torch.Tensor],
-    grad_sum: Optional[Dict[str, torch.Tensor]],
+    buffer: Optional[torch.Tensor],
     num_updates: torch.Tensor,
     seen: torch.Tensor,
     mask: torch.Tensor,
@@ -173,28 +173,36 @@ def cms_scan(
 ):
     """One Continuum Memory System level (paper Eq. 31, SPEC section 4), one token at a time.
 
-    Tokens of a chunk are processed with the chunk-start fast weights `theta`; the gradients of
-    `1/2 ||MLP_theta(n_t) - n_t W_V||^2` are summed over the chunk and applied when it completes:
-    `theta <- alpha * theta - eta * sum`. n: [B, T, Dm]; mask: [B, T]; seen, num_updates: [B];
-    value_weight: [Dm, Dm] (nn.Linear layout); eta, alpha: scalars.
-    Returns (y [B, T, Dm], theta, grad_sum, num_updates).
+    Tokens of a chunk are processed with the chunk-start fast weights `theta` and kept in
+    `buffer`; when the chunk is complete, `theta <- alpha * theta - eta * sum_t grad_t` with the
+    gradients of `1/2 ||MLP_theta(n_t) - n_t W_V||^2` over the chunk's tokens, and the buffer is
+    emptied. n: [B, T, Dm]; mask: [B, T]; seen, num_updates: [B]; buffer: [B, C, Dm], rows
+    `[0, seen % C)` filled, the rest zero (None: empty); value_weight: [Dm, Dm] (nn.Linear
+    layout); eta, alpha: scalars. Returns (y [B, T, Dm], theta, buffer, num_updates).
     """
-    if grad_sum is None:  # no partial chunk pending
-        grad_sum = {name: torch.zeros_like(w.expand(n.shape[0], *w.shape[1:])) for name, w in theta.items()}
-    theta, grad_sum = dict(theta), dict(grad_sum)
+    batch = n.shape[0]
+    if buffer is None:
+        buffer = n.new_zeros(batch, chunk_size, n.shape[-1])
     counter = seen.clone()
+    slots = torch.arange(chunk_size, device=n.device)
     outputs = []
     for t in range(n.shape[1]):
         n_t, active = n[:, t], mask[:, t]
         outputs.append(swiglu(theta, n_t)[0])
         if not updates:
             continue
-        grads = swiglu_gradients(theta, n_t, n_t @ value_weight.t())
-        keep = active.to(n.dtype).view(-1, 1, 1)
-        grad_sum = {name: grad_sum[name] + keep * grads[name] for name in grads}
+        write = (active[:, None] & (slots == counter[:, None] % chunk_size))[..., None]  # [B, C, 1]
+        buffer = torch.where(write, n_t[:, None, :], buffer)
         counter = counter + active.long()
-        boundary = (active & (counter % chunk_size == 0)).view(-1, 1, 1)
-        theta = {name: torch.where(boundary, alpha * theta[name] - eta * grad_sum[name], theta[name]) for name in theta}
-        grad_sum = {name: torch.where(boundary, torch.zeros_like(g), g) for name, g in grad_sum.items()}
-        num_updates = num_updates + boundary.view(-1).long()
-    return torch.stack(outputs, dim=1), theta, grad_sum, num_updates
+        boundary = active & (counter % chunk_size == 0)
+        if not bool(boundary.any()):
+            continue
+        grad_sum = {name: torch.zeros_like(w.expand(batch, *w.shape[1:])) for name, w in theta.items()}
+        for j in range(chunk_size):  # the chunk's tokens, read at the chunk-start weights
+            grads = swiglu_gradients(theta, buffer[:, j], buffer[:, j] @ value_weight.t())
+            grad_sum = {name: grad_sum[name] + grads[name] for name in grads}
+        done = boundary.view(-1, 1, 1)
+        theta = {name: torch.where(done, alpha * theta[name] - eta * grad_sum[name], theta[name]) for name in theta}
+        buffer = torch.where(done, torch.zeros_like(buffer), buffer)
+        num_updates = num_updates + boundary.long()
+    return torch.stack(outputs, dim=1), theta, buffer, num_updates

@@ -11,7 +11,7 @@ from conftest import tiny_config, tiny_model
 from hope_hf import HopeForCausalLM, scan_implementation
 from hope_hf.memory_hope import dgd_step, l2norm
 from hope_hf.modeling_hope import get_scans
-from hope_hf.ops_chunked import ChunkGrid, dgd_chunk, dgd_terms, unit_lower_inverse
+from hope_hf.ops_chunked import ChunkGrid, dgd_chunk, dgd_terms
 from hope_hf.ops_reference import cms_scan, self_modifying_scan, titans_scan
 from hope_hf.memory_hope import memory_gradients
 
@@ -153,14 +153,6 @@ def test_dgd_terms_reproduce_dgd_step(memory_type):
         torch.testing.assert_close(got, expected[name], atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("size", [1, 2, 3, 16, 64])
-def test_unit_lower_inverse(size):
-    gen = torch.Generator().manual_seed(size)
-    lower = torch.randn(3, size, size, dtype=torch.float64, generator=gen).tril(-1) * 0.3
-    expected = torch.linalg.inv(torch.eye(size, dtype=torch.float64) + lower)
-    torch.testing.assert_close(unit_lower_inverse(lower), expected, atol=1e-10, rtol=1e-10)
-
-
 def test_chunk_grid_aligns_samples():
     """Each sample's real tokens go to `seen % C + rank`; chunks complete per sample."""
     seen = torch.tensor([0, 3, 5])
@@ -223,3 +215,25 @@ def test_bf16_autocast_training_keeps_float32_state():
         full = model(ids).logits
     # bf16 matmuls: close to the float32 logits, not equal.
     assert (out.logits.float() - full).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("cuts", [[5], [7, 8, 9], [3, 14]])
+def test_gradients_through_a_cache_equal_reference(cuts):
+    """Training across calls (truncated BPTT with a cache): the open chunk's buffered inputs and
+    the carried fast weights pass gradients back to the earlier call, as in the reference."""
+    overrides = dict(mixer="self_modifying", memory_type="deep", cms_chunk_sizes=[4, 6, None], chunk_size=3,
+                     memory_chunk_size=4)
+    ids = torch.randint(3, 61, (2, 18), generator=torch.Generator().manual_seed(sum(cuts)))
+    grads = {}
+    for name in ("chunked", "reference"):
+        model = tiny_model(seed=len(cuts), dtype=torch.float64, **overrides).train()
+        with scan_implementation(name):
+            total, cache = 0.0, None
+            bounds = [0, *cuts, ids.shape[1]]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                out = model(ids[:, a:b], labels=ids[:, a:b], past_key_values=cache, use_cache=True)
+                total, cache = total + out.loss, out.past_key_values
+        total.backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for name, g in grads["reference"].items():
+        torch.testing.assert_close(grads["chunked"][name], g, atol=1e-10, rtol=1e-8, msg=name)
