@@ -35,6 +35,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
+if typing.TYPE_CHECKING:
+    from transformers import HfArgumentParser, LlamaConfig
+
 from .configuration_hope import HopeConfig
 from .data import load_text_files, split_text, tokenize_and_chunk, train_bpe_tokenizer
 from .data.tensor_dataset import DictTensorDataset
@@ -153,6 +156,7 @@ def add_config_arguments(
         group.add_argument(*options, dest=name, default=argparse.SUPPRESS,
                            help=f"{help_text} (default: {default!r})", **kwargs)
         names.append(name)
+    parser.config_argument_names = names  # read back by `parse_arguments`
     return names
 
 
@@ -265,7 +269,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def matched_llama_config(hope_config: HopeConfig, target_parameters: int, max_position_embeddings: int):
+def matched_llama_config(hope_config: HopeConfig, target_parameters: int, max_position_embeddings: int) -> "LlamaConfig":
     """A `LlamaConfig` with HOPE's vocabulary, width, depth and heads whose MLP width makes its parameter
     count match `target_parameters` (the count is linear in `intermediate_size`; models are built on
     the meta device, so this costs nothing)."""
@@ -436,15 +440,14 @@ class RunArguments:
         "help": "Learning rate of the matrix rule of --optimizer (default: RECOMMENDED_LR of hope_hf.training)."})
 
 
-def parse_arguments(parser, argv: Optional[Sequence[str]] = None) -> tuple[list[Any], dict[str, Any]]:
+def parse_arguments(parser: "HfArgumentParser", argv: Optional[Sequence[str]] = None) -> tuple[list[Any], dict[str, Any]]:
     """Parse with a `transformers.HfArgumentParser` on which `add_config_arguments` was called.
 
     Returns:
         `(dataclasses, config_kwargs)`: the parser's dataclass instances, and the `HopeConfig` arguments
         given on the command line.
     """
-    names = [action.dest for group in parser._action_groups if group.title and group.title.startswith("HopeConfig")
-             for action in group._group_actions]
+    names = getattr(parser, "config_argument_names", [])
     outputs = parser.parse_args_into_dataclasses(args=argv)
     if len(outputs) > len(parser.dataclass_types):  # the leftover namespace holds the HopeConfig flags
         return list(outputs[:-1]), config_overrides(outputs[-1], names)
