@@ -43,13 +43,24 @@ def _weight(w: torch.Tensor) -> torch.Tensor:
     return w[0] if w.dim() == 3 and w.stride(0) == 0 else w
 
 
+def _apply(x: torch.Tensor, w: torch.Tensor, transpose: bool = True) -> torch.Tensor:
+    """`x @ w^T` (or `x @ w`) for x [B, C, in] and a per-sample [B, out, in] or shared 2-D weight.
+    A shared weight is applied to the B*C rows as one explicit matmul: `torch.matmul` chooses
+    between folding and batching by `requires_grad`, which changes the last bits of the result."""
+    w = _weight(w)
+    w = w.transpose(-1, -2) if transpose else w
+    if w.dim() == 2:
+        return (x.reshape(-1, x.shape[-1]) @ w).view(*x.shape[:-1], w.shape[-1])
+    return x @ w
+
+
 def swiglu_chunk(weights: Weights, n: torch.Tensor):
     """Per-sample SwiGLU on a chunk. n: [B, C, Dm]; gate/up: [B, I, Dm]; down: [B, Dm, I].
     Returns (output [B, C, Dm], gate pre-activation, up, hidden [B, C, I])."""
-    gate = n @ _weight(weights["gate"]).transpose(-1, -2)
-    up = n @ _weight(weights["up"]).transpose(-1, -2)
+    gate = _apply(n, weights["gate"])
+    up = _apply(n, weights["up"])
     hidden = F.silu(gate) * up
-    return hidden @ _weight(weights["down"]).transpose(-1, -2), gate, up, hidden
+    return _apply(hidden, weights["down"]), gate, up, hidden
 
 
 def swiglu_chunk_gradient_sum(weights: Weights, n: torch.Tensor, target: torch.Tensor, active: Optional[torch.Tensor]):
@@ -61,7 +72,7 @@ def swiglu_chunk_gradient_sum(weights: Weights, n: torch.Tensor, target: torch.T
     error = out - target
     if active is not None:
         error = error * active.unsqueeze(-1).to(error.dtype)
-    grad_hidden = error @ _weight(weights["down"])  # [B, C, I]
+    grad_hidden = _apply(error, weights["down"], transpose=False)  # [B, C, I]
     sig = torch.sigmoid(gate)
     grad_gate = grad_hidden * up * sig * (1 + gate * (1 - sig))
     grad_up = grad_hidden * F.silu(gate)
@@ -149,7 +160,7 @@ def cms_chunked(
         return _cms_token(n, theta, buffer, num_updates, seen, mask, value_weight, eta, alpha, grid)
     frame = Frame(grid, n, buffer, seen, mask)
     if grid.uniform and torch.is_grad_enabled():
-        target = frame.x @ value_weight.t()
+        target = _apply(frame.x, value_weight)
         y, *weights = CMSChunkFunction.apply(
             frame.x, target, eta, alpha, tuple(frame.segments), tuple(grid.completes), frame.lo,
             *(theta[k] for k in NAMES),
@@ -169,7 +180,7 @@ def cms_chunked(
             outputs.append(swiglu_chunk(theta, frame.x[:, out_start:stop])[0])
             continue
         x = frame.x[:, start:stop]
-        out, total = swiglu_chunk_gradient_sum(theta, x, x @ value_weight.t(), frame.segment_active(i))
+        out, total = swiglu_chunk_gradient_sum(theta, x, _apply(x, value_weight), frame.segment_active(i))
         outputs.append(out[:, out_start - start :])
         theta = select_where(completes, _decayed(theta, total, eta, alpha), theta)
         num_updates = num_updates + (1 if completes is True else completes.long())
@@ -187,7 +198,7 @@ def _cms_token(n, theta, buffer, num_updates, seen, mask, value_weight, eta, alp
     buffer = torch.where(write[..., None], n.to(buffer.dtype), buffer)
     completes = grid.completes[0]
     if completes is not False:
-        _, total = swiglu_chunk_gradient_sum(theta, buffer, buffer @ value_weight.t().to(buffer.dtype), None)
+        _, total = swiglu_chunk_gradient_sum(theta, buffer, _apply(buffer, value_weight.to(buffer.dtype)), None)
         theta = select_where(completes, _decayed(theta, total, eta, alpha), theta)
         buffer = torch.zeros_like(buffer) if completes is True else buffer * (~completes).view(-1, 1, 1)
         num_updates = num_updates + (1 if completes is True else completes.long())
@@ -208,19 +219,19 @@ class _Chunk:
     `target=None` only the forward (what an open chunk needs)."""
 
     def __init__(self, weights: Tuple[torch.Tensor, ...], n: torch.Tensor, target: Optional[torch.Tensor]) -> None:
-        gate_w, up_w, down_w = (_weight(w) for w in weights)
+        gate_w, up_w, down_w = weights
         self.n = n
-        self.gate = n @ gate_w.transpose(-1, -2)  # [B, C, I]
-        self.up = n @ up_w.transpose(-1, -2)
+        self.gate = _apply(n, gate_w)  # [B, C, I]
+        self.up = _apply(n, up_w)
         self.sig = torch.sigmoid(self.gate)
         self.act = self.gate * self.sig  # silu(gate)
         self.hidden = self.act * self.up
-        self.out = self.hidden @ down_w.transpose(-1, -2)  # [B, C, d]
+        self.out = _apply(self.hidden, down_w)  # [B, C, d]
         self.dsilu = self.sig * (1 + self.gate * (1 - self.sig))
         if target is None:
             return
         self.error = self.out - target
-        self.grad_hidden = self.error @ down_w  # [B, C, I]
+        self.grad_hidden = _apply(self.error, down_w, transpose=False)  # [B, C, I]
         self.grad_gate = self.grad_hidden * self.up * self.dsilu
         self.grad_up = self.grad_hidden * self.act
 
