@@ -149,7 +149,8 @@ class HopeMemoryMixer(nn.Module):
         self.memories = nn.ModuleDict({name: MemoryInitialState(config) for name in self.memory_names})
         self.o_norm = HopeRMSNorm(config.head_dim, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(d, d, bias=False)
-        self.rule = MemoryRule(config.memory_activation, config.norm_eps, config.in_context_updates)
+        self.rule = MemoryRule(config.memory_activation, config.norm_eps, config.in_context_updates,
+                               config.scan_recompute_threshold)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.config.num_heads, self.config.head_dim)

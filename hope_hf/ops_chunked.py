@@ -29,6 +29,7 @@ import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .memory_hope import MemoryState, activation, activation_derivative, l2norm
 from .ops_reference import MemoryRule
@@ -256,13 +257,59 @@ def _memory_chunk_update(
     return {name: dgd_chunk(current[name], unit, write, eta, log_alpha) for name, (unit, write) in terms.items()}
 
 
+def scan_chunks(step, carry: MemoryState, pieces: List, remat: bool) -> Tuple[MemoryState, List]:
+    """`carry, out = step(carry, piece)` over the chunks, collecting the outputs.
+
+    With `remat` (training on many chunks) the chunks run in blocks of ~sqrt(#chunks), each under
+    `torch.utils.checkpoint`: the backward recomputes a block from the states at its start, so
+    autograd keeps ~2 sqrt(#chunks) memory states instead of one (plus activations) per chunk."""
+    if not remat:
+        outputs = []
+        for piece in pieces:
+            carry, out = step(carry, piece)
+            outputs.append(out)
+        return carry, outputs
+    names = list(carry)
+    block = math.ceil(math.sqrt(len(pieces)))
+    outputs = []
+    for first in range(0, len(pieces), block):
+        def run(*tensors, block_pieces=pieces[first : first + block]):
+            state, outs = dict(zip(names, tensors)), []
+            for piece in block_pieces:
+                state, out = step(state, piece)
+                outs.append(out)
+            return tuple(state[name] for name in names), outs
+
+        tensors, outs = checkpoint(run, *(carry[name] for name in names), use_reentrant=False)
+        carry = dict(zip(names, tensors))
+        outputs.extend(outs)
+    return carry, outputs
+
+
+def _remat(rule: MemoryRule, pieces: List, *tensors: torch.Tensor) -> bool:
+    """Recompute in the backward when training over more than `rule.recompute_above` chunks."""
+    if rule.recompute_above is None or len(pieces) <= rule.recompute_above:
+        return False
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _split_state(state: Dict[str, torch.Tensor], prefix: str) -> MemoryState:
+    return {name[len(prefix):]: t for name, t in state.items() if name.startswith(prefix)}
+
+
 def _state_dtype(state: MemoryState) -> torch.dtype:
     return next(iter(state.values())).dtype
 
 
-def _heads_first(x: torch.Tensor) -> torch.Tensor:
-    """[B, L, H, ...] -> [B, H, L, ...]."""
-    return x.transpose(1, 2)
+def _flat(x: torch.Tensor, leading: int) -> torch.Tensor:
+    """Merge the first `leading` dims: per-(sample, memory, head) problems become one batch of
+    3-D matmuls (a broadcasting matmul costs several ops of reshaping per call)."""
+    return x.reshape(-1, *x.shape[leading:])
+
+
+def _per_problem(condition, repeats: int):
+    """A per-sample [B] condition for the flattened [B * repeats] problems (Python bools pass)."""
+    return condition if isinstance(condition, bool) else condition.repeat_interleave(repeats)
 
 
 def _run_main_memory(
@@ -286,20 +333,37 @@ def _run_main_memory(
     `o = M_mem[S](q)` [B, L, H, D], the reads at padding tokens per segment and the end
     (start, current) states."""
     dtype = _state_dtype(current)
-    q, key, value = (_heads_first(x).to(dtype) for x in (q, key, value))  # [B, H, L, D]
-    eta, alpha = (x.transpose(1, 2).to(dtype) for x in (eta, alpha))  # [B, H, L]
-    outputs, pad_reads = [], []
-    pieces = zip(*(grid.split(x, dim=2) for x in (q, key, value, eta, alpha)))
-    for seg, completes, pads, (q_c, key_c, value_c, eta_c, alpha_c) in zip(grid.segments, grid.completes, grid.pads, pieces):
-        outputs.append(memory_read_chunk(start, q_c, rule.activation))
-        pad_reads.append(None if pads is None else _read_at(start, pad_queries[pads], pads[0], rule))
-        if not rule.updates:
-            continue
-        target = memory_read_chunk(start, value_c, rule.activation) if self_generated else value_c
-        eta_c, log_alpha_c = _masked(eta_c, alpha_c, grid.segment_active(seg))
-        current = _memory_chunk_update(start, current, key_c, target, eta_c, log_alpha_c, rule)
-        start = select_where(completes, current, start)
-    return torch.cat(outputs, dim=2).transpose(1, 2), pad_reads, start, current
+    batch, heads = q.shape[0], q.shape[2]
+    shape = {w: t.shape[1:] for w, t in current.items()}  # [H, O, I]
+    q, key, value = (_flat(x.transpose(1, 2).to(dtype), 2) for x in (q, key, value))  # [B*H, L, D]
+    eta, alpha = (_flat(x.transpose(1, 2).to(dtype), 2) for x in (eta, alpha))  # [B*H, L]
+    start = {w: _flat(t.expand(batch, *shape[w]), 2) for w, t in start.items()}  # [B*H, O, I]
+    current = {w: _flat(t.expand(batch, *shape[w]), 2) for w, t in current.items()}
+    def step(carry: MemoryState, piece):
+        start, current = _split_state(carry, "start."), _split_state(carry, "current.")
+        seg, completes, pads, (q_c, key_c, value_c, eta_c, alpha_c) = piece
+        out = memory_read_chunk(start, q_c, rule.activation)
+        pad_read = None
+        if pads is not None:
+            per_sample = {w: t.view(batch, *shape[w]) for w, t in start.items()}
+            pad_read = _read_at(per_sample, pad_queries[pads], pads[0], rule)
+        if rule.updates:
+            target = memory_read_chunk(start, value_c, rule.activation) if self_generated else value_c
+            active = grid.segment_active(seg)
+            eta_c, log_alpha_c = _masked(eta_c, alpha_c, None if active is None else active.repeat_interleave(heads, 0))
+            current = _memory_chunk_update(start, current, key_c, target, eta_c, log_alpha_c, rule)
+            start = select_where(_per_problem(completes, heads), current, start)
+        carry = {**{f"start.{w}": t for w, t in start.items()}, **{f"current.{w}": t for w, t in current.items()}}
+        return carry, (out, pad_read)
+
+    pieces = list(zip(grid.segments, grid.completes, grid.pads, zip(*(grid.split(x) for x in (q, key, value, eta, alpha)))))
+    carry = {**{f"start.{w}": t for w, t in start.items()}, **{f"current.{w}": t for w, t in current.items()}}
+    carry, results = scan_chunks(step, carry, pieces, _remat(rule, pieces, q, key, value, *current.values()))
+    start, current = _split_state(carry, "start."), _split_state(carry, "current.")
+    outputs, pad_reads = [r[0] for r in results], [r[1] for r in results]
+    o = torch.cat(outputs, dim=1).view(batch, heads, -1, q.shape[-1]).transpose(1, 2)  # [B, L, H, D]
+    unflat = lambda state: {w: t.view(batch, *shape[w]) for w, t in state.items()}  # noqa: E731
+    return o, pad_reads, unflat(start), unflat(current)
 
 
 def _read_at(state: MemoryState, z: torch.Tensor, samples: torch.Tensor, rule: MemoryRule) -> torch.Tensor:
@@ -378,26 +442,43 @@ def self_modifying_chunked(
     grid = ChunkGrid(seen, mask, chunk_size)
     names = PROJECTION_MEMORIES
     dtype = _state_dtype(current["k"])
-    proj_start, proj_current = _stack(start, names), _stack(current, names)
-    a_grid = _heads_first(grid.scatter(a)).to(dtype)  # [B, H, L, D]
-    keys, unit_values, etas, alphas = [], [], [], []
-    for seg, completes, a_c in zip(grid.segments, grid.completes, grid.split(a_grid, dim=2)):
-        a_c = a_c.unsqueeze(1)  # [B, 1, H, C, D]
+    batch, heads, copies = a.shape[0], a.shape[2], len(names)
+    proj_start, proj_current = _stack(start, names), _stack(current, names)  # [B, 4, H, O, I]
+    shape = {w: t.shape[1:] for w, t in proj_current.items()}
+    flat = lambda state: {w: _flat(t.expand(batch, *shape[w]), 3) for w, t in state.items()}  # noqa: E731
+    proj_start, proj_current = flat(proj_start), flat(proj_current)  # [B*4*H, O, I]
+
+    def per_memory(x: torch.Tensor) -> torch.Tensor:  # [B, H, ...] -> [B*4*H, ...], one copy per memory
+        return _flat(x.unsqueeze(1).expand(batch, copies, *x.shape[1:]), 3)
+
+    a_grid = grid.scatter(a).transpose(1, 2).to(dtype)  # [B, H, L, D]
+    def step(carry: MemoryState, piece):
+        proj_start, proj_current = _split_state(carry, "start."), _split_state(carry, "current.")
+        seg, completes, a_c = piece
         # Every read and self-generated value uses the chunk-start states (paper Eq. 90).
-        reads = memory_read_chunk(proj_start, a_c, rule.activation)  # [B, 4, H, C, D]
+        reads = memory_read_chunk(proj_start, per_memory(a_c), rule.activation)
+        reads = reads.view(batch, copies, heads, *reads.shape[1:])  # [B, 4, H, C, D]
         k_c = l2norm(reads[:, 0], rule.eps)  # [B, H, C, D]
         v_unit = l2norm(reads[:, 1], rule.eps)  # see the [choice] in ops_reference.self_modifying_scan
         eta_c = eta_max * torch.sigmoid((reads[:, 2] * eta_readout[:, None]).sum(-1) + eta_bias[:, None])  # [B, H, C]
         alpha_c = torch.sigmoid((reads[:, 3] * alpha_readout[:, None]).sum(-1) + alpha_bias[:, None])
-        keys.append(k_c), unit_values.append(v_unit), etas.append(eta_c), alphas.append(alpha_c)
-        if not rule.updates:
-            continue
-        targets = memory_read_chunk(proj_start, v_unit.unsqueeze(1), rule.activation)  # [B, 4, H, C, D]
-        eta_m, log_alpha_m = _masked(eta_c.unsqueeze(1), alpha_c.unsqueeze(1), grid.segment_active(seg))
-        proj_current = _memory_chunk_update(
-            proj_start, proj_current, k_c.unsqueeze(1), targets, eta_m, log_alpha_m, rule
-        )
-        proj_start = select_where(completes, proj_current, proj_start)
+        if rule.updates:
+            targets = memory_read_chunk(proj_start, per_memory(v_unit), rule.activation)  # [B*4*H, C, D]
+            eta_m, log_alpha_m = _masked(eta_c, alpha_c, grid.segment_active(seg))
+            proj_current = _memory_chunk_update(
+                proj_start, proj_current, per_memory(k_c), targets, per_memory(eta_m), per_memory(log_alpha_m), rule
+            )
+            proj_start = select_where(_per_problem(completes, copies * heads), proj_current, proj_start)
+        carry = {**{f"start.{w}": t for w, t in proj_start.items()}, **{f"current.{w}": t for w, t in proj_current.items()}}
+        return carry, (k_c, v_unit, eta_c, alpha_c)
+
+    pieces = list(zip(grid.segments, grid.completes, grid.split(a_grid, dim=2)))
+    carry = {**{f"start.{w}": t for w, t in proj_start.items()}, **{f"current.{w}": t for w, t in proj_current.items()}}
+    carry, results = scan_chunks(step, carry, pieces, _remat(rule, pieces, a_grid, eta_readout, *proj_current.values()))
+    proj_start, proj_current = _split_state(carry, "start."), _split_state(carry, "current.")
+    keys, unit_values, etas, alphas = (list(column) for column in zip(*results))
+    unflat = lambda state: {w: t.view(batch, *shape[w]) for w, t in state.items()}  # noqa: E731
+    proj_start, proj_current = unflat(proj_start), unflat(proj_current)
 
     def to_tokens(pieces: List[torch.Tensor]) -> torch.Tensor:  # [B, H, L, ...] pieces -> [B, T, H, ...]
         return grid.gather(torch.cat(pieces, dim=2).transpose(1, 2))

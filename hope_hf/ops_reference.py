@@ -32,6 +32,9 @@ class MemoryRule:
     activation: str
     eps: float
     updates: bool  # False: the in-context-learning ablation, memories stay at their initial state
+    # Fast path only: training over more chunks than this recomputes the scan in the backward
+    # (None: never). Results are identical either way.
+    recompute_above: Optional[int] = None
 
 
 def _advance(

@@ -237,3 +237,21 @@ def test_gradients_through_a_cache_equal_reference(cuts):
         grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     for name, g in grads["reference"].items():
         torch.testing.assert_close(grads["chunked"][name], g, atol=1e-10, rtol=1e-8, msg=name)
+
+
+def test_recomputed_scan_gives_identical_gradients():
+    """scan_recompute_threshold trades compute for memory; outputs and gradients are unchanged."""
+    ids = torch.randint(3, 61, (2, 29), generator=torch.Generator().manual_seed(9))
+    results = []
+    for threshold in (None, 0):
+        model = tiny_model(seed=9, dtype=torch.float64, chunk_size=2, memory_chunk_size=3,
+                           scan_recompute_threshold=threshold).train()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, atol=1e-12, rtol=0, msg=name)
+    with pytest.raises(ValueError, match="scan_recompute_threshold"):
+        tiny_config(scan_recompute_threshold=-1)
