@@ -44,6 +44,7 @@ import contextlib
 import copy
 import csv
 import json
+import math
 import os
 import random
 import time
@@ -280,6 +281,10 @@ def label_loss(model, examples: Sequence[Example], stream: Stream, args) -> torc
             targets.append(token)
             ids.append(token)
         ids += stream.separator
+    # Fill to a whole number of the HOPE levels' chunks with separator tokens: then no chunk is
+    # left open at the end of a pack (every level updates) -- and it sidesteps a leak of the core's
+    # CMS training path when a sequence ends inside a chunk (see the closing note of issue 6).
+    ids += stream.separator[:1] * (-len(ids) % args.fill_multiple)
     keep = torch.zeros(1, len(ids), dtype=torch.bool)
     keep[0, predicts] = True
     with autocast(args):
@@ -469,6 +474,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    args.fill_multiple = math.lcm(*args.cms_chunk_sizes, args.memory_chunk)
     args.methods = [m for m in args.methods.split(",") if m]
     for spec in args.methods:
         parse_method(spec)
