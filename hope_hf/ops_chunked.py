@@ -32,6 +32,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .memory_hope import MemoryState, activation, activation_derivative, l2norm
+from .ops_fla import fla_dgd_chunk, use_fla
 from .ops_reference import MemoryRule
 
 MemoryStates = Dict[str, MemoryState]
@@ -171,16 +172,16 @@ def memory_read_chunk(state: MemoryState, z: torch.Tensor, act: str) -> torch.Te
 
 
 def dgd_terms(
-    state: MemoryState, key: torch.Tensor, target: torch.Tensor, eta: torch.Tensor, act: str, eps: float
+    state: MemoryState, key: torch.Tensor, target: torch.Tensor, act: str, eps: float
 ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """The DGD update of every weight of a memory, written as `W (alpha I - eta u~ u~^T) + w u~^T`.
+    """The DGD update of every weight of a memory, written as `W (alpha I - eta u~ u~^T) + eta r u~^T`.
 
     The inner gradient of `1/2 ||M[S](k) - target||^2` w.r.t. a weight is a rank-1 `e u^T` (output
     factor `e`, layer input `u`), so the gradient term `-eta / max(1, ||u||^2) e u^T` of
-    `memory_hope.dgd_step` is `w u~^T` with `w = -eta / max(1, ||u||^2) * ||u|| e`.
+    `memory_hope.dgd_step` is `eta r u~^T` with `r = -||u|| / max(1, ||u||^2) e`.
 
-    state: chunk-start weights [..., O, I]; key, target: [..., C, D]; eta: [..., C].
-    Returns name -> (unit inputs u~ [..., C, I], write vectors w [..., C, O]).
+    state: chunk-start weights [..., O, I]; key, target: [..., C, D].
+    Returns name -> (unit inputs u~ [..., C, I], writes per unit learning rate r [..., C, O]).
     """
     if "W" in state:
         error = key @ state["W"].transpose(-1, -2) - target
@@ -197,15 +198,16 @@ def dgd_terms(
         scale = torch.rsqrt(squared + eps)
         # ||u|| written as (||u||^2 + eps) * rsqrt(||u||^2 + eps), so that u = u~ * that, exactly as
         # l2norm defines u~.
-        write_scale = -eta / squared.clamp(min=1.0) * (squared + eps) * scale
+        write_scale = -(squared + eps) * scale / squared.clamp(min=1.0)
         terms[name] = (inputs * scale.unsqueeze(-1), out_factor * write_scale.unsqueeze(-1))
     return terms
 
 
 def dgd_chunk(
-    weight: torch.Tensor, unit: torch.Tensor, write: torch.Tensor, eta: torch.Tensor, log_alpha: torch.Tensor
+    weight: torch.Tensor, unit: torch.Tensor, write_per_eta: torch.Tensor, eta: torch.Tensor, log_alpha: torch.Tensor
 ) -> torch.Tensor:
-    """End state of `W_t = W_{t-1} (alpha_t I - eta_t u~_t u~_t^T) + w_t u~_t^T` over a chunk.
+    """End state of `W_t = W_{t-1} (alpha_t I - eta_t u~_t u~_t^T) + w_t u~_t^T` over a chunk, with
+    the writes `w_t = eta_t r_t`.
 
     With gamma_t = prod_{s<=t} alpha_s, the state is `W_t = gamma_t W_0 + sum_{s<=t} gamma_t /
     gamma_s x_s u~_s^T` where the pseudo-writes x solve the unit lower-triangular system
@@ -214,11 +216,12 @@ def dgd_chunk(
 
     (the UT transform of DeltaNet, with decay). All decay ratios are <= 1 (no overflow).
 
-    weight: W_0 [..., O, I]; unit: [..., C, I]; write: [..., C, O]; eta, log_alpha: [..., C].
+    weight: W_0 [..., O, I]; unit: [..., C, I]; write_per_eta: r [..., C, O]; eta, log_alpha: [..., C].
     Returns W_C [..., O, I].
     """
     dtype = weight.dtype
-    unit, write, eta, log_alpha = unit.to(dtype), write.to(dtype), eta.to(dtype), log_alpha.to(dtype)
+    unit, eta, log_alpha = unit.to(dtype), eta.to(dtype), log_alpha.to(dtype)
+    write = eta.unsqueeze(-1) * write_per_eta.to(dtype)
     if unit.shape[-2] == 1:  # one token: the step itself
         projected = unit @ weight.transpose(-1, -2)  # [..., 1, O]
         return log_alpha.exp()[..., None] * weight + (write - eta[..., None] * projected).transpose(-1, -2) @ unit
@@ -252,9 +255,11 @@ def _memory_chunk_update(
     log_alpha: torch.Tensor,
     rule: MemoryRule,
 ) -> MemoryState:
-    """One chunk of DGD on one (possibly stacked) memory; the gradients are taken at `start`."""
-    terms = dgd_terms(start, key, target, eta, rule.activation, rule.eps)
-    return {name: dgd_chunk(current[name], unit, write, eta, log_alpha) for name, (unit, write) in terms.items()}
+    """One chunk of DGD on one (possibly stacked) memory; the gradients are taken at `start`.
+    A linear memory on CUDA runs through fla's gated-delta-rule kernel (`ops_fla`)."""
+    terms = dgd_terms(start, key, target, rule.activation, rule.eps)
+    update = fla_dgd_chunk if "W" in current and use_fla(current["W"]) else dgd_chunk
+    return {name: update(current[name], unit, write, eta, log_alpha) for name, (unit, write) in terms.items()}
 
 
 def scan_chunks(step, carry: MemoryState, pieces: List, remat: bool) -> Tuple[MemoryState, List]:

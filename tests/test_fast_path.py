@@ -110,10 +110,10 @@ def test_gradcheck_chunked():
     torch.autograd.gradcheck(lambda e: (model(inputs_embeds=e).logits * probe).sum(), (embeds,), eps=1e-6, atol=1e-6)
 
 
-def reference_chunk(weight, unit, write, eta, alpha):
-    """The recurrence `W (alpha I - eta u u^T) + w u^T`, one token at a time."""
+def reference_chunk(weight, unit, write_per_eta, eta, alpha):
+    """The recurrence `W (alpha I - eta u u^T) + eta r u^T`, one token at a time."""
     for t in range(unit.shape[-2]):
-        u, w = unit[..., t, :], write[..., t, :]
+        u, w = unit[..., t, :], eta[..., t, None] * write_per_eta[..., t, :]
         projected = (weight @ u.unsqueeze(-1)).squeeze(-1)
         weight = alpha[..., t, None, None] * weight + (w - eta[..., t, None] * projected).unsqueeze(-1) * u.unsqueeze(-2)
     return weight
@@ -147,7 +147,7 @@ def test_dgd_terms_reproduce_dgd_step(memory_type):
     eta, alpha = torch.rand(B, H, dtype=torch.float64, generator=gen), torch.rand(B, H, dtype=torch.float64, generator=gen)
     grads, inputs = memory_gradients(state, key, target, "gelu")
     expected = dgd_step(current, grads, inputs, eta, alpha, 1e-6)
-    terms = dgd_terms(state, key.unsqueeze(-2), target.unsqueeze(-2), eta.unsqueeze(-1), "gelu", 1e-6)
+    terms = dgd_terms(state, key.unsqueeze(-2), target.unsqueeze(-2), "gelu", 1e-6)
     for name, (unit, write) in terms.items():
         got = dgd_chunk(current[name], unit, write, eta.unsqueeze(-1), alpha.log().unsqueeze(-1))
         torch.testing.assert_close(got, expected[name], atol=1e-12, rtol=0)
