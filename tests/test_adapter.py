@@ -280,7 +280,8 @@ def test_lora_composes_trains_and_saves(tmp_path):
 
     base = tiny_llama(seed=12)
     fresh = copy.deepcopy(base.state_dict())
-    model = get_peft_model(apply_hope_adapter(base, adapter_config()), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(apply_hope_adapter(base, adapter_config()), lora)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     freeze_base(model)
     now_trainable = {name for name, p in model.named_parameters() if p.requires_grad}

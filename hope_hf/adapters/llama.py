@@ -125,13 +125,15 @@ class HopeAdapterConfig:
                 self.layers = list(self.layers)
             if (not isinstance(self.layers, list) or not self.layers
                     or any(isinstance(i, bool) or not isinstance(i, int) for i in self.layers)):
-                raise ValueError(f"HopeAdapterConfig.layers must be None or a non-empty list of ints, got {self.layers!r}")
+                raise ValueError(f"HopeAdapterConfig.layers must be None or a non-empty list of ints, "
+                                 f"got {self.layers!r}")
             if len(set(self.layers)) != len(self.layers):
                 raise ValueError(f"HopeAdapterConfig.layers has duplicates: {self.layers!r}")
         if isinstance(self.cms_chunk_sizes, tuple):
             self.cms_chunk_sizes = list(self.cms_chunk_sizes)
         if not isinstance(self.cms_chunk_sizes, list):
-            raise ValueError(f"HopeAdapterConfig.cms_chunk_sizes must be a list of positive ints, got {self.cms_chunk_sizes!r}")
+            raise ValueError(f"HopeAdapterConfig.cms_chunk_sizes must be a list of positive ints, "
+                             f"got {self.cms_chunk_sizes!r}")
         for size in self.cms_chunk_sizes:
             _positive_int("cms_chunk_sizes[...]", size)
         if any(b <= a for a, b in zip(self.cms_chunk_sizes, self.cms_chunk_sizes[1:])):
@@ -149,9 +151,11 @@ class HopeAdapterConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"HopeAdapterConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.memory_type not in MEMORY_TYPES:
-            raise ValueError(f"HopeAdapterConfig.memory_type must be one of {list(MEMORY_TYPES)}, got {self.memory_type!r}")
+            raise ValueError(f"HopeAdapterConfig.memory_type must be one of {list(MEMORY_TYPES)}, "
+                             f"got {self.memory_type!r}")
         if not isinstance(self.hope_kwargs, dict):
-            raise ValueError(f"HopeAdapterConfig.hope_kwargs must be a dict of HopeConfig fields, got {self.hope_kwargs!r}")
+            raise ValueError(f"HopeAdapterConfig.hope_kwargs must be a dict of HopeConfig fields, "
+                             f"got {self.hope_kwargs!r}")
         managed = sorted(set(self.hope_kwargs) & set(_MANAGED_HOPE_FIELDS))
         if managed:
             raise ValueError(f"HopeAdapterConfig.hope_kwargs may not set {managed}: the adapter derives them from the "
@@ -268,7 +272,9 @@ class HopeLlamaDecoderLayer(LlamaDecoderLayer):
     levels' `cms.0 .. cms.{n-1}` and the pretrained level's `cms.{n}` (when it updates in context).
     """
 
-    def __init__(self, base: LlamaDecoderLayer, layer_idx: int, adapter: HopeAdapterConfig, config: LlamaConfig) -> None:
+    def __init__(
+        self, base: LlamaDecoderLayer, layer_idx: int, adapter: HopeAdapterConfig, config: LlamaConfig
+    ) -> None:
         # Not LlamaDecoderLayer.__init__: that would build a second attention and MLP.
         GradientCheckpointingLayer.__init__(self)
         self.layer_idx = layer_idx
@@ -305,7 +311,9 @@ class HopeLlamaDecoderLayer(LlamaDecoderLayer):
         """The parameters the adapter added (plus the pretrained MLP if `trainable_pretrained_levels`)."""
         pretrained = ("mlp.gate_proj.", "mlp.up_proj.", "mlp.down_proj.")
         for name, param in self.named_parameters():
-            if name.startswith(("hope_", "mlp.")) and (self._trainable_pretrained_levels or not name.startswith(pretrained)):
+            if not name.startswith(("hope_", "mlp.")):
+                continue
+            if self._trainable_pretrained_levels or not name.startswith(pretrained):
                 yield name, param
 
     def forward(
@@ -366,7 +374,8 @@ class HopeLlamaCache(DynamicCache):
         return False
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError("HopeLlamaCache cannot be cropped: fast weights cannot forget the tokens they have learned from")
+        raise ValueError("HopeLlamaCache cannot be cropped: fast weights cannot forget the tokens they have "
+                         "learned from")
 
     def _apply_per_sample(self, fn) -> None:
         for layer in self.hope_layers.values():
@@ -420,7 +429,8 @@ class HopeLlamaCache(DynamicCache):
 
     def __repr__(self) -> str:
         batch = -1 if self.seen_tokens is None else self.seen_tokens.shape[0]
-        return f"HopeLlamaCache(batch_size={batch}, seq_length={self.get_seq_length()}, adapted_layers={sorted(self.hope_layers)})"
+        return (f"HopeLlamaCache(batch_size={batch}, seq_length={self.get_seq_length()}, "
+                f"adapted_layers={sorted(self.hope_layers)})")
 
 
 def _state_signature(model: "HopeLlamaForCausalLM") -> Dict[str, Any]:
@@ -521,7 +531,9 @@ class HopeLlamaForCausalLM(LlamaForCausalLM):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length) -> None:
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+    ) -> None:
         user_cache = model_kwargs.get("past_key_values")
         if user_cache is not None:
             if not isinstance(user_cache, HopeLlamaCache):
@@ -534,7 +546,9 @@ class HopeLlamaForCausalLM(LlamaForCausalLM):
         elif generation_config.use_cache is not False:
             model_kwargs["past_key_values"] = HopeLlamaCache(self)
 
-    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs
+    ):
         # generate() expands the inputs for beams / num_return_sequences, not a cache passed in.
         cache = model_kwargs.get("past_key_values")
         if expand_size > 1 and isinstance(cache, HopeLlamaCache) and cache.seen_tokens is not None:
@@ -578,7 +592,8 @@ def _unwrap(model: nn.Module) -> HopeLlamaForCausalLM:
     """The HopeLlamaForCausalLM inside `model` (itself, or the base of a peft model)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not isinstance(inner, HopeLlamaForCausalLM):
-        raise ValueError(f"model must be a HopeLlamaForCausalLM (or a peft model wrapping one), got {type(model).__name__}")
+        raise ValueError(f"model must be a HopeLlamaForCausalLM (or a peft model wrapping one), "
+                         f"got {type(model).__name__}")
     return inner
 
 
@@ -599,7 +614,9 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     state = {}
     for name, param in _unwrap(model).adapter_named_parameters():
         if "lora_" in name:
-            continue  # LoRA weights on an adapter module (e.g. target "q_proj" also matches hope_mixer.q_proj) are peft's to save
+            # LoRA weights on an adapter module (target "q_proj" also matches hope_mixer.q_proj) are
+            # peft's to save.
+            continue
         # A LoRA-wrapped adapter module keeps its own weight as `<module>.base_layer.weight`: save it under
         # the plain name, so the file loads into an un-wrapped model (then peft re-applies its delta).
         state[name.replace(".base_layer.", ".")] = param.detach().cpu().contiguous()
@@ -640,7 +657,8 @@ def save_hope_adapter(model: nn.Module, save_directory: Union[str, os.PathLike])
         with open(path, "w") as f:
             f.write(text + "\n")
 
-    write_atomically(ADAPTER_WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": _FORMAT, "config": text}))
+    metadata = {"format": _FORMAT, "config": text}
+    write_atomically(ADAPTER_WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata=metadata))
     write_atomically(ADAPTER_CONFIG_NAME, write_json)
 
 
