@@ -25,6 +25,7 @@ relative imports flat into a checkpoint.)
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -39,6 +40,20 @@ MemoryStates = Dict[str, MemoryState]
 
 # Log-retention floor: alpha = 0 (a full reset) stays finite in the log domain (exp(-1e4) == 0).
 _LOG_ALPHA_MIN = -1.0e4
+
+
+def in_state_precision(scan):
+    """Run a scan with autocast off: its matmuls are per-chunk and small (bf16 does not pay there)
+    and the fast weights accumulate thousands of small updates, so they run in the state's dtype
+    (float32 or float64). Under autocast, a model's projections, static levels and LM head still
+    run in bf16."""
+
+    @functools.wraps(scan)
+    def wrapper(first: torch.Tensor, *args, **kwargs):
+        with torch.autocast(first.device.type, enabled=False):
+            return scan(first, *args, **kwargs)
+
+    return wrapper
 
 
 class ChunkGrid:
@@ -377,6 +392,7 @@ def _read_at(state: MemoryState, z: torch.Tensor, samples: torch.Tensor, rule: M
     return memory_read_chunk(chosen, z.to(_state_dtype(state)).unsqueeze(-2), rule.activation).squeeze(-2)
 
 
+@in_state_precision
 def titans_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -423,6 +439,7 @@ def _unstack(stacked: MemoryState, names) -> MemoryStates:
     return {name: {w: t[:, i] for w, t in stacked.items()} for i, name in enumerate(names)}
 
 
+@in_state_precision
 def self_modifying_chunked(
     a: torch.Tensor,
     q: torch.Tensor,

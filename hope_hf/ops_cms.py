@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .ops_chunked import ChunkGrid, select_where
+from .ops_chunked import ChunkGrid, in_state_precision, select_where
 
 Weights = Dict[str, torch.Tensor]
 NAMES = ("gate", "up", "down")
@@ -136,6 +136,7 @@ class Frame:
         return rows * keep[..., None].to(rows.dtype)
 
 
+@in_state_precision
 def cms_chunked(
     n: torch.Tensor,
     theta: Weights,
