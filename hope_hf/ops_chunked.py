@@ -273,8 +273,16 @@ def _memory_chunk_update(
     """One chunk of DGD on one (possibly stacked) memory; the gradients are taken at `start`.
     A linear memory on CUDA runs through fla's gated-delta-rule kernel (`ops_fla`)."""
     terms = dgd_terms(start, key, target, rule.activation, rule.eps)
-    update = fla_dgd_chunk if "W" in current and use_fla(current["W"]) else dgd_chunk
-    return {name: update(current[name], unit, write, eta, log_alpha) for name, (unit, write) in terms.items()}
+    if "W" in current:
+        update = fla_dgd_chunk if use_fla(current["W"]) else dgd_chunk
+        return {"W": update(current["W"], *terms["W"], eta, log_alpha)}
+    if current["W1"].shape == current["W2"].shape:  # memory_dim == head_dim: both layers in one batch
+        both = dgd_chunk(
+            torch.cat([current["W1"], current["W2"]]), torch.cat([terms["W1"][0], terms["W2"][0]]),
+            torch.cat([terms["W1"][1], terms["W2"][1]]), torch.cat([eta, eta]), torch.cat([log_alpha, log_alpha]),
+        )
+        return dict(zip(("W1", "W2"), both.chunk(2)))
+    return {name: dgd_chunk(current[name], unit, write, eta, log_alpha) for name, (unit, write) in terms.items()}
 
 
 def scan_chunks(step, carry: MemoryState, pieces: List, remat: bool) -> Tuple[MemoryState, List]:
