@@ -3,9 +3,9 @@
 A level with chunk size `C` reads every token of a chunk with the chunk-start fast weights
 `theta = (gate [B, I, d], up [B, I, d], down [B, d, I])` and, when the chunk is complete, writes
 
-    theta <- alpha * theta - eta * sum_{t in chunk} grad_theta 1/2 ||swiglu_theta(n_t) - z_t||^2
+    theta <- alpha * theta - eta / max(1, sum_t ||u_t||^2) * sum_{t in chunk} grad_theta 1/2 ||swiglu_theta(n_t) - z_t||^2
 
-(`z_t = n_t W_V`). The open chunk's inputs wait in a buffer ([B, C, d], in the cache); its summed
+(`z_t = n_t W_V`, `u_t` each weight's layer input: the normalised step of `ops_reference.cms_scan`). The open chunk's inputs wait in a buffer ([B, C, d], in the cache); its summed
 gradient is taken only when it completes, over the whole chunk at once (one matmul per weight),
 so a decoding step costs one read of `theta`.
 
@@ -64,14 +64,16 @@ def swiglu_chunk(weights: Weights, n: torch.Tensor):
 
 
 def swiglu_chunk_gradient_sum(weights: Weights, n: torch.Tensor, target: torch.Tensor, active: Optional[torch.Tensor]):
-    """Outputs, and the sum over a chunk's real tokens of the gradients of
+    """Outputs, the sum over a chunk's real tokens of the gradients of
     `1/2 ||swiglu(n_t) - target_t||^2` w.r.t. gate, up, down (the hand-derived
-    `ops_reference.swiglu_gradients`, summed by one matmul each).
+    `ops_reference.swiglu_gradients`, summed by one matmul each), and the normalisers of the step:
+    per weight, `max(1, sum_t ||u_t||^2)` of its layer input ([B]).
     n, target: [B, C, Dm]; active: [B, C] or None."""
     out, gate, up, hidden = swiglu_chunk(weights, n)
     error = out - target
-    if active is not None:
-        error = error * active.unsqueeze(-1).to(error.dtype)
+    keep = None if active is None else active.unsqueeze(-1).to(error.dtype)
+    if keep is not None:
+        error = error * keep
     grad_hidden = _apply(error, weights["down"], transpose=False)  # [B, C, I]
     sig = torch.sigmoid(gate)
     grad_gate = grad_hidden * up * sig * (1 + gate * (1 - sig))
@@ -82,14 +84,20 @@ def swiglu_chunk_gradient_sum(weights: Weights, n: torch.Tensor, target: torch.T
         "up": grad_up.transpose(-1, -2) @ n,
         "down": error.transpose(-1, -2) @ hidden,
     }
-    return out, {name: g.to(state_dtype) for name, g in sums.items()}
+    n_real, hidden_real = (n, hidden) if keep is None else (n * keep, hidden * keep)
+    energy_in = (n_real * n_real).sum((1, 2)).clamp(min=1.0)
+    energy_hidden = (hidden_real * hidden_real).sum((1, 2)).clamp(min=1.0)
+    norms = {"gate": energy_in, "up": energy_in, "down": energy_hidden}
+    return out, {name: g.to(state_dtype) for name, g in sums.items()}, norms
 
 
-def _decayed(theta: Weights, total: Weights, eta: torch.Tensor, alpha: torch.Tensor) -> Weights:
-    """`alpha * theta - eta * total`; without autograd, in two passes over each weight."""
+def _decayed(theta: Weights, total: Weights, norms: Dict[str, torch.Tensor], eta: torch.Tensor, alpha: torch.Tensor) -> Weights:
+    """`alpha * theta - eta * total / norm` (the normalised step of `ops_reference.cms_scan`);
+    without autograd, in two passes over each weight."""
+    step = {name: (eta / norms[name]).view(-1, 1, 1).to(theta[name].dtype) for name in theta}
     if torch.is_grad_enabled():
-        return {name: alpha * theta[name] - eta * total[name] for name in theta}
-    return {name: (theta[name] * float(alpha)).sub_(total[name], alpha=float(eta)) for name in theta}
+        return {name: alpha * theta[name] - step[name] * total[name] for name in theta}
+    return {name: (theta[name] * float(alpha)).sub_(step[name] * total[name]) for name in theta}
 
 
 class Frame:
@@ -181,9 +189,9 @@ def cms_chunked(
             outputs.append(swiglu_chunk(theta, frame.x[:, out_start:stop])[0])
             continue
         x = frame.x[:, start:stop]
-        out, total = swiglu_chunk_gradient_sum(theta, x, _apply(x, value_weight), frame.segment_active(i))
+        out, total, norms = swiglu_chunk_gradient_sum(theta, x, _apply(x, value_weight), frame.segment_active(i))
         outputs.append(out[:, out_start - start :])
-        theta = select_where(completes, _decayed(theta, total, eta, alpha), theta)
+        theta = select_where(completes, _decayed(theta, total, norms, eta, alpha), theta)
         num_updates = num_updates + (1 if completes is True else completes.long())
     y = grid.gather(torch.cat(outputs, dim=1), pad_outputs)
     return y.to(n.dtype), theta, frame.next_buffer(chunk_size), num_updates
@@ -199,8 +207,8 @@ def _cms_token(n, theta, buffer, num_updates, seen, mask, value_weight, eta, alp
     buffer = torch.where(write[..., None], n.to(buffer.dtype), buffer)
     completes = grid.completes[0]
     if completes is not False:
-        _, total = swiglu_chunk_gradient_sum(theta, buffer, _apply(buffer, value_weight.to(buffer.dtype)), None)
-        theta = select_where(completes, _decayed(theta, total, eta, alpha), theta)
+        _, total, norms = swiglu_chunk_gradient_sum(theta, buffer, _apply(buffer, value_weight.to(buffer.dtype)), None)
+        theta = select_where(completes, _decayed(theta, total, norms, eta, alpha), theta)
         buffer = torch.zeros_like(buffer) if completes is True else buffer * (~completes).view(-1, 1, 1)
         num_updates = num_updates + (1 if completes is True else completes.long())
     return out, theta, buffer, num_updates
@@ -235,13 +243,23 @@ class _Chunk:
         self.grad_hidden = _apply(self.error, down_w, transpose=False)  # [B, C, I]
         self.grad_gate = self.grad_hidden * self.up * self.dsilu
         self.grad_up = self.grad_hidden * self.act
+        # the step's normalisers sum_t ||u_t||^2 (before the max(1, .)), per sample [B]
+        self.energy_in = (n * n).sum((1, 2))
+        self.energy_hidden = (self.hidden * self.hidden).sum((1, 2))
+
+    def rates(self, eta: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """eta / max(1, energy) for (gate, up) and for down, [B, 1, 1]."""
+        return ((eta / self.energy_in.clamp(min=1.0)).view(-1, 1, 1),
+                (eta / self.energy_hidden.clamp(min=1.0)).view(-1, 1, 1))
 
     def step(self, weights, eta: float, alpha: float):
         """The fast weights after this (complete) chunk."""
         n = self.n
         sums = (self.grad_gate.transpose(-1, -2) @ n, self.grad_up.transpose(-1, -2) @ n,
                 self.error.transpose(-1, -2) @ self.hidden)
-        return tuple(alpha * w - eta * g.to(w.dtype) for w, g in zip(weights, sums))
+        rate_in, rate_hidden = self.rates(eta)
+        rates = (rate_in, rate_in, rate_hidden)
+        return tuple(alpha * w - r.to(w.dtype) * g.to(w.dtype) for w, r, g in zip(weights, rates, sums))
 
 
 def _owned(t: torch.Tensor, inputs) -> torch.Tensor:
@@ -281,7 +299,10 @@ class CMSChunkFunction(torch.autograd.Function):
         ctx.segments, ctx.completes, ctx.block, ctx.checkpoints = segments, completes, block, checkpoints
         ctx.out_start = out_start
         ctx.save_for_backward(x, target, eta, alpha)
-        return (torch.cat(outputs, dim=1), *(_owned(w, (gate, up, down)) for w in weights))
+        # An output kept on ctx (a checkpoint that is also the end state) would form a reference
+        # cycle through its grad_fn and leak: return copies of those.
+        kept = (gate, up, down) + tuple(t for state in checkpoints for t in state)
+        return (torch.cat(outputs, dim=1), *(_owned(w, kept) for w in weights))
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
@@ -330,20 +351,27 @@ class CMSChunkFunction(torch.autograd.Function):
                 if emitted > lo:
                     d_out = torch.cat([d_out.new_zeros(batch, emitted - lo, d_out.shape[-1]), d_out], dim=1)
                 if completes[i]:
-                    # weights' = alpha * weights - eta * G, G = (g_gate^T x, g_up^T x, error^T hidden):
-                    # the adjoint of G is -eta * dW'. Its products with x, hidden and error:
+                    # weights' = alpha * weights - rate * G, G = (g_gate^T x, g_up^T x, error^T hidden),
+                    # rate = eta / max(1, energy): the adjoint of G is -rate * dW'. Its products:
                     q_gate = x @ d_weights[0].to(x.dtype).transpose(-1, -2)  # [B, C, I]
                     q_up = x @ d_weights[1].to(x.dtype).transpose(-1, -2)
                     q_error = chunk.hidden @ d_weights[2].to(x.dtype).transpose(-1, -2)  # [B, C, d]
                     q_hidden = chunk.error @ d_weights[2].to(x.dtype)  # [B, C, I]
-                    # <dW', G> without forming G: <dW, g^T x> = sum(g * (x dW^T)).
-                    grad_eta -= ((chunk.grad_gate * q_gate).sum() + (chunk.grad_up * q_up).sum()
-                                 + (chunk.error * q_error).sum()).double()
+                    # <dW', G> per sample without forming G: <dW, g^T x> = sum(g * (x dW^T)).
+                    inner_in = (chunk.grad_gate * q_gate).sum((1, 2)) + (chunk.grad_up * q_up).sum((1, 2))
+                    inner_hidden = (chunk.error * q_error).sum((1, 2))
+                    rate_in, rate_hidden = chunk.rates(1.0)  # 1 / max(1, energy), [B, 1, 1]
+                    grad_eta -= ((rate_in.flatten() * inner_in).sum() + (rate_hidden.flatten() * inner_hidden).sum()).double()
                     for w, dw in zip(weights, d_weights):
                         grad_alpha += (dw * w).sum().double()
-                    scale = -eta_f
-                    d_grad_gate, d_grad_up = scale * q_gate, scale * q_up
-                    d_x = scale * (chunk.grad_gate @ d_weights[0].to(x.dtype) + chunk.grad_up @ d_weights[1].to(x.dtype))
+                    # through the normalisers: d(1/E)/dE = -1/E^2 where E > 1, and dE/du = 2u
+                    d_energy_in = (eta_f * inner_in * rate_in.flatten() ** 2 * (chunk.energy_in > 1)).view(-1, 1, 1)
+                    d_energy_hidden = (eta_f * inner_hidden * rate_hidden.flatten() ** 2
+                                       * (chunk.energy_hidden > 1)).view(-1, 1, 1)
+                    scale_in, scale_hidden = -eta_f * rate_in, -eta_f * rate_hidden
+                    d_grad_gate, d_grad_up = scale_in * q_gate, scale_in * q_up
+                    d_x = scale_in * (chunk.grad_gate @ d_weights[0].to(x.dtype) + chunk.grad_up @ d_weights[1].to(x.dtype))
+                    d_x = d_x + 2 * d_energy_in * x
                     # grad_gate = grad_hidden * up * dsilu(gate); grad_up = grad_hidden * act
                     d_grad_hidden = d_grad_up * chunk.act + d_grad_gate * chunk.up * chunk.dsilu
                     d_act = d_grad_up * chunk.grad_hidden
@@ -352,10 +380,10 @@ class CMSChunkFunction(torch.autograd.Function):
                     d2silu = sig * (1 - sig) * (2 + chunk.gate * (1 - 2 * sig))
                     d_gate = d_grad_gate * chunk.grad_hidden * chunk.up * d2silu
                     # grad_hidden = error @ down; error = out - target
-                    d_error = scale * q_error + d_grad_hidden @ down_w.transpose(-1, -2)
+                    d_error = scale_hidden * q_error + d_grad_hidden @ down_w.transpose(-1, -2)
                     grad_target[:, start:stop] -= d_error.to(grad_target.dtype)
                     d_out = d_out + d_error
-                    d_hidden = scale * q_hidden + d_out @ down_w
+                    d_hidden = scale_hidden * q_hidden + d_out @ down_w + 2 * d_energy_hidden * chunk.hidden
                     for dw in d_weights:  # weights' = alpha * weights - ...
                         dw.mul_(alpha_f)
                 else:

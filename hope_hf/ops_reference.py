@@ -177,9 +177,9 @@ def cms_scan(
     """One Continuum Memory System level (paper Eq. 31, SPEC section 4), one token at a time.
 
     Tokens of a chunk are processed with the chunk-start fast weights `theta` and kept in
-    `buffer`; when the chunk is complete, `theta <- alpha * theta - eta * sum_t grad_t` with the
-    gradients of `1/2 ||MLP_theta(n_t) - n_t W_V||^2` over the chunk's tokens, and the buffer is
-    emptied. n: [B, T, Dm]; mask: [B, T]; seen, num_updates: [B]; buffer: [B, C, Dm], rows
+    `buffer`; when the chunk is complete, `theta <- alpha * theta - eta * sum_t grad_t / max(1,
+    sum_t ||u_t||^2)` with the gradients of `1/2 ||MLP_theta(n_t) - n_t W_V||^2` over the chunk's
+    tokens (`u_t` each weight's layer input), and the buffer is emptied. n: [B, T, Dm]; mask: [B, T]; seen, num_updates: [B]; buffer: [B, C, Dm], rows
     `[0, seen % C)` filled, the rest zero (None: empty); value_weight: [Dm, Dm] (nn.Linear
     layout); eta, alpha: scalars. Returns (y [B, T, Dm], theta, buffer, num_updates).
     """
@@ -201,11 +201,26 @@ def cms_scan(
         if not bool(boundary.any()):
             continue
         grad_sum = {name: torch.zeros_like(w.expand(batch, *w.shape[1:])) for name, w in theta.items()}
+        energy = {"in": n.new_zeros(batch), "hidden": n.new_zeros(batch)}  # sum_t ||u_t||^2 per layer input
         for j in range(chunk_size):  # the chunk's tokens, read at the chunk-start weights
-            grads = swiglu_gradients(theta, buffer[:, j], buffer[:, j] @ value_weight.t())
+            n_j = buffer[:, j]
+            grads = swiglu_gradients(theta, n_j, n_j @ value_weight.t())
             grad_sum = {name: grad_sum[name] + grads[name] for name in grads}
+            energy["in"] = energy["in"] + (n_j * n_j).sum(-1)
+            hidden = swiglu(theta, n_j)[3]
+            energy["hidden"] = energy["hidden"] + (hidden * hidden).sum(-1)
+        # [choice] Normalised step, as in memory_hope.dgd_step: each weight's summed gradient is
+        # divided by max(1, sum_t ||u_t||^2) of its layer input (n for gate/up, the hidden
+        # activation for down). Unnormalised, a chunk of C RMS-normalised inputs has curvature up
+        # to C * d, so eta = 1e-3 already diverged for C >= 8 at d = 256 (NaN in training and on
+        # long inputs); normalised, the step is stable for eta < 2 on a linear layer.
+        scale = {"gate": energy["in"], "up": energy["in"], "down": energy["hidden"]}
         done = boundary.view(-1, 1, 1)
-        theta = {name: torch.where(done, alpha * theta[name] - eta * grad_sum[name], theta[name]) for name in theta}
+        theta = {
+            name: torch.where(done, alpha * theta[name] - eta * grad_sum[name] / scale[name].clamp(min=1.0).view(-1, 1, 1),
+                              theta[name])
+            for name in theta
+        }
         buffer = torch.where(done, torch.zeros_like(buffer), buffer)
         num_updates = num_updates + boundary.long()
     return torch.stack(outputs, dim=1), theta, buffer, num_updates

@@ -255,3 +255,63 @@ def test_recomputed_scan_gives_identical_gradients():
         torch.testing.assert_close(grads_b[name], g, atol=1e-12, rtol=0, msg=name)
     with pytest.raises(ValueError, match="scan_recompute_threshold"):
         tiny_config(scan_recompute_threshold=-1)
+
+
+def test_cms_update_is_the_normalised_step():
+    """One complete chunk: theta' = alpha theta - eta / max(1, sum_t ||u_t||^2) sum_t grad_t, per
+    weight with its own layer input u (n for gate/up, the hidden activation for down)."""
+    from hope_hf.ops_reference import swiglu, swiglu_gradients
+
+    gen = torch.Generator().manual_seed(21)
+    B, C, D, I = 2, 4, 5, 7
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=gen)  # noqa: E731
+    theta = {"gate": r(B, I, D), "up": r(B, I, D), "down": r(B, D, I)}
+    n, value = r(B, C, D) * 2.0, r(D, D)
+    eta, alpha = torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.9, dtype=torch.float64)
+    _, new, buffer, updates = cms_scan(n, theta, None, torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long),
+                                       torch.ones(B, C, dtype=torch.bool), value, eta, alpha, C, True)
+    grads = [swiglu_gradients(theta, n[:, t], n[:, t] @ value.t()) for t in range(C)]
+    energy_in = (n * n).sum((1, 2))
+    energy_hidden = sum((swiglu(theta, n[:, t])[3] ** 2).sum(-1) for t in range(C))
+    assert bool((energy_in > 1).all()) and bool((energy_hidden > 1).all())  # the normaliser is active
+    for name, energy in (("gate", energy_in), ("up", energy_in), ("down", energy_hidden)):
+        total = sum(g[name] for g in grads)
+        expected = alpha * theta[name] - eta * total / energy.view(-1, 1, 1)
+        torch.testing.assert_close(new[name], expected, atol=1e-12, rtol=0)
+    assert updates.tolist() == [1, 1] and bool((buffer == 0).all())
+
+
+def test_cms_levels_stay_finite_on_long_inputs_with_large_rates():
+    """The normalised step keeps fast weights bounded where the unnormalised sum diverged
+    (NaN after a few chunks of RMS-normalised inputs at eta = 1e-3, C >= 8)."""
+    model = tiny_model(seed=13, hidden_size=32, num_heads=2, cms_chunk_sizes=[8, 32, None], cms_eta_init=1.5,
+                       cms_alpha_init=0.999)
+    ids = torch.randint(3, 61, (1, 600), generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    assert bool(torch.isfinite(out.logits).all())
+    for layer in out.past_key_values.layers:
+        for name, tensor in layer.state.items():
+            if tensor.is_floating_point():
+                assert bool(torch.isfinite(tensor).all()), name
+    assert int(out.past_key_values.cms_update_counts(0)[0][0]) == 75
+
+
+@pytest.mark.parametrize("length", [16, 13])
+def test_cms_training_path_frees_its_outputs(length):
+    """The hand-written CMS backward keeps no reference cycle: once a step's outputs are dropped,
+    its fast weights are freed without waiting for the garbage collector."""
+    import gc
+    import weakref
+
+    model = tiny_model(seed=15, mixer="attention", cms_chunk_sizes=[4, None]).train()
+    ids = torch.randint(3, 61, (2, length), generator=torch.Generator().manual_seed(16))
+    gc.disable()
+    try:
+        out = model(ids, labels=ids, use_cache=True)
+        weight = weakref.ref(out.past_key_values.layers[0].state["cms.0.gate"])
+        out.loss.backward()
+        del out
+        assert weight() is None
+    finally:
+        gc.enable()
