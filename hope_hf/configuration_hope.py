@@ -46,7 +46,9 @@ class HopeConfig(PretrainedConfig):
             rounded up to a multiple of 32.
         cms_variant: `"sequential"` (chained levels, paper Eq. 73) or `"independent"` (levels read
             the same input, outputs mixed with learned weights, paper Eq. 74).
-        cms_eta_init: Initial inner learning rate `eta_l = softplus(.)` of the CMS levels.
+        cms_eta_init: Initial inner learning rate `eta_l = softplus(.)` of the CMS levels' normalised
+            step (each update moves a level about this fraction of the way to fitting its chunk;
+            stable below 2).
         cms_alpha_init: Initial retention `alpha_l = sigmoid(.)` of the CMS levels.
         scan_implementation: How the memories and CMS levels are computed: `"chunked"` (default,
             chunk-parallel, `ops_chunked.py`) or `"reference"` (the per-token loop of
@@ -93,7 +95,7 @@ class HopeConfig(PretrainedConfig):
         cms_chunk_sizes: Optional[Sequence[Optional[int]]] = (16, 256, None),
         cms_intermediate_size: Optional[int] = None,
         cms_variant: str = "sequential",
-        cms_eta_init: float = 1e-3,
+        cms_eta_init: float = 0.1,
         cms_alpha_init: float = 0.999,
         in_context_updates: bool = True,
         scan_implementation: str = "chunked",
