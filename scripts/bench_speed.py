@@ -171,11 +171,12 @@ def parse_size(text: str) -> Dict[str, int]:
     return size
 
 
-def spawn(cell: dict, timeout: float) -> dict:
-    env = dict(os.environ)
-    command = [sys.executable, str(Path(__file__).resolve()), "--cell", json.dumps(cell)]
+def spawn(cell: dict, timeout: float, python: str = sys.executable, script: Optional[Path] = None) -> dict:
+    """Run one cell (`script --cell JSON`, this file by default) in a fresh interpreter: per-cell
+    peak RSS, and no cell warms another."""
+    command = [python, str(script or Path(__file__).resolve()), "--cell", json.dumps(cell)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"row": cell["row"], "task": cell["task"], "error": f"timed out after {timeout:.0f}s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -304,7 +305,7 @@ def main(argv=None) -> dict:
             tqdm.write(f"{row} {task}: {results[row][task]['error']}")
     peer = None
     if args.peer:
-        peer = try_peer()
+        peer = run_peer(results, rows, size, args, contexts)
     table = format_table(results, rows, contexts)
     print(f"\nsize: {size}, threads: {os.environ.get('OMP_NUM_THREADS', 'torch default')}, repeats: {args.repeats}")
     print(table)
@@ -318,13 +319,38 @@ def main(argv=None) -> dict:
     return record
 
 
-def try_peer() -> dict:
-    """Install PyPI nested-learning 0.2.0 into this environment if it can be, and report."""
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "nested-learning==0.2.0"],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"installed": False, "error": (done.stderr or done.stdout).strip()[-400:]}
-    return {"installed": True, "note": "installed; no same-size model entry point is wired up"}
+PEER = "nested-learning==0.2.0"
+PEER_VENV = ROOT / "runs" / "peer-venv"
+
+
+def run_peer(results: Dict[str, Dict[str, dict]], rows: List[str], size, args, contexts) -> dict:
+    """Install PyPI nested-learning 0.2.0 into its own venv (`runs/peer-venv`: it pins other
+    versions of our dependencies) and run the same cells through `scripts/peer_nested_learning.py`.
+    Adds a "peer" row; returns what happened."""
+    python = PEER_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"creating {PEER_VENV} with torch==2.13.0 and {PEER} ...", flush=True)
+        steps = ([sys.executable, "-m", "venv", str(PEER_VENV)],
+                 [str(python), "-m", "pip", "install", "-q", "torch==2.13.0"],
+                 [str(python), "-m", "pip", "install", "-q", PEER, "tqdm"])
+        for command in steps:
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                return {"installed": False, "command": " ".join(command), "error": (done.stderr or done.stdout)[-400:]}
+    script = ROOT / "scripts" / "peer_nested_learning.py"
+    rows.append("peer")
+    results["peer"] = {}
+    from tqdm.auto import tqdm
+
+    tasks = [t for t in cells_for(["peer"], args.quick, contexts, reference_prefill=False)["peer"]]
+    for task in tqdm(tasks, desc="peer"):
+        if task.startswith("decode"):  # its hope_selfmod variant keeps no decoding state
+            results["peer"][task] = {"row": "peer", "task": task, "error": "unsupported by nested-learning 0.2.0"}
+            continue
+        cell = {"row": "peer", "task": task, "size": size, "repeats": args.repeats, "decode_steps": args.decode_steps}
+        results["peer"][task] = spawn(cell, args.timeout, python=str(python), script=script)
+    return {"installed": True, "package": PEER, "venv": str(PEER_VENV),
+            "note": "hope_selfmod trained with its paper-faithful online step; its prefill is a static forward"}
 
 
 def _threads() -> int:

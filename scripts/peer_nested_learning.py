@@ -49,7 +49,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,7 +58,7 @@ if TYPE_CHECKING:  # torch is imported lazily: the driver process only spawns ce
     import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import DECODE_CONTEXTS, cells_for, parse_size  # noqa: E402  (stdlib-only at import time)
+from bench_speed import DECODE_CONTEXTS, cells_for, parse_size, spawn  # noqa: E402  (stdlib-only at import time)
 
 PEER_PACKAGE = "nested-learning"
 PEER_VERSION = "0.2.0"
@@ -280,19 +279,6 @@ def run_cell(cell: dict) -> dict:
 
 
 # --- the driver ------------------------------------------------------------------------------------
-def spawn(cell: dict, timeout: float) -> dict:
-    """Run one cell in a fresh interpreter of this venv (per-cell peak RSS, no cross-cell warm-up)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--cell", json.dumps(cell)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"row": cell["row"], "task": cell["task"], "error": f"timed out after {timeout:.0f}s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return {"row": cell["row"], "task": cell["task"], "error": (done.stderr or done.stdout).strip()[-400:]}
-    return json.loads(lines[-1])
-
-
 def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="", help="e.g. d=256,layers=4,heads=4,vocab=8192 (the default)")
@@ -334,7 +320,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         else:
             cell = {"row": args.row, "task": task, "size": size, "repeats": args.repeats,
                     "decode_steps": args.decode_steps, "variant": args.variant, "train_mode": args.train_mode}
-            result = spawn(cell, args.timeout)
+            result = spawn(cell, args.timeout, script=Path(__file__).resolve())
         print(json.dumps(result), flush=True)
         results.append(result)
     out = Path(args.out)
