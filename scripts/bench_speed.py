@@ -297,7 +297,11 @@ def main(argv=None) -> dict:
     contexts = [int(c) for c in args.contexts.split(",") if c]
     plan = cells_for(rows, args.quick, contexts, not args.no_reference)
     results: Dict[str, Dict[str, dict]] = {row: {} for row in rows}
-    cells = [(row, task) for row in rows for task in plan[row]]
+    # Task-major order: the rows of one column are measured one after another, so a change of
+    # machine load during the run affects a ratio's two sides alike.
+    tasks = list(dict.fromkeys(task for row in rows for task in plan[row]))
+    cells = [(row, task) for task in tasks for row in rows if task in plan[row]]
+    load_before = os.getloadavg()
     for row, task in tqdm(cells, desc="bench_speed"):
         cell = {"row": row, "task": task, "size": size, "repeats": args.repeats, "decode_steps": args.decode_steps}
         results[row][task] = spawn(cell, args.timeout)
@@ -307,12 +311,14 @@ def main(argv=None) -> dict:
     if args.peer:
         peer = run_peer(results, rows, size, args, contexts)
     table = format_table(results, rows, contexts)
-    print(f"\nsize: {size}, threads: {os.environ.get('OMP_NUM_THREADS', 'torch default')}, repeats: {args.repeats}")
+    print(f"\nsize: {size}, threads: {_threads()}, repeats: {args.repeats}, "
+          f"load average before/after: {load_before[0]:.1f}/{os.getloadavg()[0]:.1f}")
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"size": size, "rows": rows, "contexts": contexts, "results": results, "table": table, "peer": peer,
-              "torch_threads": _threads(), "cpu": _cpu_name()}
+              "torch_threads": _threads(), "cpu": _cpu_name(), "load_average": {"before": load_before,
+                                                                                 "after": os.getloadavg()}}
     (out / "bench_speed.json").write_text(json.dumps(record, indent=1))
     plot(results, rows, contexts, out / "decode_latency.png")
     print(f"wrote {out / 'bench_speed.json'} and {out / 'decode_latency.png'}")
