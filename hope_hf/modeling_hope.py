@@ -169,9 +169,12 @@ class HopeMemoryMixer(nn.Module):
         """Chunk-start and current states of every memory, from the cache or the initial states."""
         start, current = {}, {}
         for name, initial in self.memories.items():
-            fresh = initial.expand(batch_size)
-            current[name] = {w: state.get(f"mem.{name}.{w}", fresh[w]) for w in fresh}
-            start[name] = {w: state.get(f"mem.{name}.{w}.start", fresh[w]) for w in fresh}
+            if f"mem.{name}.{next(iter(initial._parameters))}" not in state:
+                fresh = initial.expand(batch_size)
+                start[name], current[name] = fresh, dict(fresh)
+                continue
+            current[name] = {w: state[f"mem.{name}.{w}"] for w in initial._parameters}
+            start[name] = {w: state[f"mem.{name}.{w}.start"] for w in initial._parameters}
         return start, current
 
     def store_memories(self, state: LayerState, start, current) -> None:

@@ -276,7 +276,7 @@ def _memory_chunk_update(
     if "W" in current:
         update = fla_dgd_chunk if use_fla(current["W"]) else dgd_chunk
         return {"W": update(current["W"], *terms["W"], eta, log_alpha)}
-    if current["W1"].shape == current["W2"].shape:  # memory_dim == head_dim: both layers in one batch
+    if current["W1"].shape == current["W2"].shape and key.shape[-2] > 1:  # both layers in one solve
         both = dgd_chunk(
             torch.cat([current["W1"], current["W2"]]), torch.cat([terms["W1"][0], terms["W2"][0]]),
             torch.cat([terms["W1"][1], terms["W2"][1]]), torch.cat([eta, eta]), torch.cat([log_alpha, log_alpha]),
@@ -389,7 +389,8 @@ def _run_main_memory(
     carry, results = scan_chunks(step, carry, pieces, _remat(rule, pieces, q, key, value, *current.values()))
     start, current = _split_state(carry, "start."), _split_state(carry, "current.")
     outputs, pad_reads = [r[0] for r in results], [r[1] for r in results]
-    o = torch.cat(outputs, dim=1).view(batch, heads, -1, q.shape[-1]).transpose(1, 2)  # [B, L, H, D]
+    o = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+    o = o.reshape(batch, heads, -1, q.shape[-1]).transpose(1, 2)  # [B, L, H, D]
     unflat = lambda state: {w: t.view(batch, *shape[w]) for w, t in state.items()}  # noqa: E731
     return o, pad_reads, unflat(start), unflat(current)
 
@@ -435,7 +436,9 @@ def _stack(states: MemoryStates, names) -> MemoryState:
         parts = [states[name][w] for name in names]
         base = parts[0]._base
         if (base is not None and base.dim() == parts[0].dim() + 1 and base.shape[1] == len(parts)
-                and all(p._base is base and p.data_ptr() == base[:, i].data_ptr() and p.stride() == base[:, i].stride()
+                and all(p._base is base and p.shape == base.shape[:1] + base.shape[2:]
+                        and p.stride() == base.stride()[:1] + base.stride()[2:]
+                        and p.storage_offset() == base.storage_offset() + i * base.stride(1)
                         for i, p in enumerate(parts))):
             stacked[w] = base
         else:
@@ -511,7 +514,7 @@ def self_modifying_chunked(
     proj_start, proj_current = unflat(proj_start), unflat(proj_current)
 
     def to_tokens(pieces: List[torch.Tensor]) -> torch.Tensor:  # [B, H, L, ...] pieces -> [B, T, H, ...]
-        return grid.gather(torch.cat(pieces, dim=2).transpose(1, 2))
+        return grid.gather((torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]).transpose(1, 2))
 
     k, v_unit, eta, alpha = to_tokens(keys), to_tokens(unit_values), to_tokens(etas), to_tokens(alphas)
     mem_grid = ChunkGrid(seen, mask, memory_chunk_size)
