@@ -40,36 +40,17 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from hope_hf.optim import (  # noqa: E402
-    M3,
-    DeepMomentum,
-    DeltaMomentum,
-    Muon,
-    MultiFrequency,
-    build_multi_frequency_groups,
-    build_param_groups,
-    hope_cms_periods,
-)
+from hope_hf.training import OPTIMIZERS, RECOMMENDED_LR, build_optimizer  # noqa: E402
 
 VOCAB = 256
-ALL_OPTIMIZERS = (
-    "adamw", "muon", "m3", "m3_ema", "delta_momentum", "deep_momentum", "deep_momentum_ns", "multi_frequency",
-)
+ALL_OPTIMIZERS = OPTIMIZERS
 DEFAULT_OPTIMIZERS = ALL_OPTIMIZERS
 
 #: Learning rates of the matrix rule (AdamW's lr for "adamw"); override with --lr NAME=VALUE.
 #: Picked from {1e-5 ... 0.1} by the final train loss of 120-step runs of the default Llama
 #: (hidden 128, 4 layers, batch 16 x 128 bytes, seed 0); the AdamW fallback uses --adamw-lr.
-DEFAULT_LR: dict[str, float] = {
-    "adamw": 2e-3,
-    "muon": 0.05,
-    "m3": 3e-5,
-    "m3_ema": 1e-5,
-    "delta_momentum": 0.05,
-    "deep_momentum": 1e-3,
-    "deep_momentum_ns": 0.05,
-    "multi_frequency": 0.05,
-}
+#: They are `hope_hf.training.RECOMMENDED_LR`, which the training scripts' `--optimizer` also uses.
+DEFAULT_LR: dict[str, float] = dict(RECOMMENDED_LR)
 
 
 # --------------------------------------------------------------------------- data
@@ -178,28 +159,9 @@ def matched_llama_intermediate(args: argparse.Namespace, target: int) -> int:
 
 # --------------------------------------------------------------------------- optimizers
 def make_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float) -> torch.optim.Optimizer:
-    """Build optimizer `name`; matrix/fallback groups come from `build_param_groups`."""
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    common = dict(adamw_lr=adamw_lr)
-    if name == "muon":
-        return Muon(build_param_groups(model), lr=lr, **common)
-    if name == "m3":
-        return M3(build_param_groups(model), lr=lr, **common)
-    if name == "m3_ema":
-        return M3(build_param_groups(model), lr=lr, momentum_form="ema", beta2=0.95, **common)
-    if name == "delta_momentum":  # with the Newton-Schulz output: SGD-scale steps train transformers poorly
-        return DeltaMomentum(build_param_groups(model), lr=lr, alpha=0.95, beta=0.5, orthogonalize=True, **common)
-    if name == "deep_momentum":  # Eq. 23: the MLP memory's output is the update
-        return DeepMomentum(build_param_groups(model), lr=lr, **common)
-    if name == "deep_momentum_ns":  # Eq. 24: its Newton-Schulz-ed output
-        return DeepMomentum(build_param_groups(model), lr=lr, orthogonalize=True, **common)
-    if name == "multi_frequency":
-        # HOPE: each CMS level its own period (Eq. 31). Llama has no CMS level; as the paper
-        # reads a Transformer's MLP as a single-level CMS, its MLPs get period 2 here.
-        periods = hope_cms_periods(model) or {r"model\.layers\.\d+\.mlp": 2}
-        return MultiFrequency(Muon(build_multi_frequency_groups(model, periods), lr=lr, **common))
-    raise ValueError(f"unknown optimizer {name!r} (choose from {ALL_OPTIMIZERS})")
+    """Build optimizer `name` with `hope_hf.training.build_optimizer` (the one the training scripts use):
+    matrix rule at `lr` on 2-D hidden weights, AdamW at `adamw_lr` on the rest, no weight decay."""
+    return build_optimizer(name, model, lr, adamw_lr=adamw_lr)
 
 
 def lr_lambda(warmup: int, steps: int) -> Callable[[int], float]:

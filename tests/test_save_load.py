@@ -1,14 +1,10 @@
 """save_pretrained / from_pretrained, Auto classes, remote code, and keeping a cache."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from _scripts import run_without_hope_hf
 from conftest import tiny_config, tiny_model
 from hope_hf import HopeCache, HopeConfig, HopeForCausalLM
 
@@ -43,11 +39,7 @@ def test_remote_code_loads_without_hope_hf(tmp_path):
     with torch.no_grad():
         expected = model(x).logits
     torch.save({"x": x, "expected": expected}, tmp_path / "probe.pt")
-    script = textwrap.dedent(f"""
-        import sys
-        sys.path = [p for p in sys.path if p not in ("", {os.getcwd()!r})]
-        import importlib.util
-        assert importlib.util.find_spec("hope_hf") is None, "hope_hf must not be importable here"
+    result = run_without_hope_hf(f"""
         import torch
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
@@ -57,15 +49,7 @@ def test_remote_code_loads_without_hope_hf(tmp_path):
         assert torch.equal(out, probe["expected"]), (out - probe["expected"]).abs().max()
         assert "hope_hf" not in sys.modules
         print("REMOTE_OK", type(model).__module__)
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    # -S: no site-packages .pth hooks, so the editable install of hope_hf is not on the path
-    site = [p for p in sys.path if p.endswith("site-packages")]
-    code = f"import sys; sys.path.extend({site!r});\n" + script
-    result = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
+    """, tmp_path)
     assert "REMOTE_OK" in result.stdout, result.stdout + result.stderr
     assert (tmp_path / "modeling_hope.py").exists() and (tmp_path / "ops_reference.py").exists()
 
