@@ -102,7 +102,8 @@ def train_model(
 
     Returns:
         `{"steps", "seconds", "final_train_loss" (mean of the last 10% of steps), "diverged_at_step", "losses"}`;
-        a non-finite loss stops the run and is recorded in `diverged_at_step` (None if it never happened).
+        a non-finite loss stops the run before its update (the model keeps the weights of the last finite step)
+        and is recorded in `diverged_at_step` (None if it never happened).
     """
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=budget.lr, betas=(0.9, 0.95),
@@ -120,16 +121,18 @@ def train_model(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=budget.bf16):
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          labels=batch["labels"], use_cache=False).loss
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if not math.isfinite(losses[-1]):
+            # Report the divergence rather than train on NaN. Checked before the update, so the model keeps
+            # its last finite weights and its evaluation shows what it had learned.
+            diverged_at = step + 1
+            break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), budget.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if not math.isfinite(losses[-1]):  # report the divergence rather than train on NaN
-            diverged_at = step + 1
-            break
         if on_step is not None:
             on_step(step + 1, model)
         if budget.minutes is not None and time.perf_counter() - start > 60 * budget.minutes:

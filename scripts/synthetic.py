@@ -135,8 +135,10 @@ def run_formal(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     config = hope_config(args, len(FORMAL_VOCAB), PAD_ID)
     (short_min, short_max), (long_min, long_max) = args.train_lengths, args.test_lengths
     rows = []
-    for index, language in enumerate(languages):
-        seed = args.seed + 1000 * index
+    for language in languages:
+        # Seeded by the language's place in FORMAL_LANGUAGES, not in --languages: a subset run reproduces
+        # the full suite's data for those languages.
+        seed = args.seed + 1000 * list(FORMAL_LANGUAGES).index(language)
         train = FormalLanguageDataset.generate(language, args.num_train, short_min, short_max, seed=seed)
         short = FormalLanguageDataset.generate(language, args.num_test, short_min, short_max, seed=seed + 1)
         long = FormalLanguageDataset.generate(language, args.num_test, long_min, long_max, seed=seed + 2)

@@ -78,8 +78,14 @@ def test_train_model_gives_every_model_the_same_batches():
             out = super().forward(input_ids, attention_mask, labels, use_cache)
             return SimpleNamespace(loss=out.loss * (float("nan") if len(self.seen) == 3 else 1.0))
 
-    summary = train_model(Diverging(), data, collate, budget)  # a NaN loss stops the run and is recorded
+    diverging = Diverging()
+    summary = train_model(diverging, data, collate, budget)  # a NaN loss stops the run and is recorded
     assert summary["steps"] == 3 and summary["diverged_at_step"] == 3
+    # ... before its update: the weights are those after step 2, finite and moved off their initial value
+    assert torch.isfinite(diverging.w) and diverging.w.item() != 1.0
+    after_two = Recorder()
+    train_model(after_two, data, collate, budget, stop_at=2)
+    assert torch.equal(diverging.w, after_two.w)
     assert train_model(Recorder(), data, collate, budget)["diverged_at_step"] is None
     with pytest.raises(ValueError, match="TrainBudget.steps"):
         TrainBudget(steps=0)

@@ -1,11 +1,13 @@
-"""Repro: the quickstart HOPE (5.4M, self_modifying/deep, CMS [32, 128, None]) diverges at AdamW lr 3e-3.
+"""Repro: the quickstart HOPE (5.4M, self_modifying/deep, CMS [32, 128, None]) at AdamW lr 3e-3.
 
     OMP_NUM_THREADS=1 python results/diagnostics/repro_cms_nan.py fp32 3e-3 7
 
-Prints step, loss, grad norm; at step 4 the loss is NaN (fp32 and bf16 alike). Then it locates the first
-module whose output is non-finite on that batch with the (finite) step-3 weights, with the chunked and
-the reference scans: `CMSLevel model.layers.2.cms.levels.0` (the C=32 adaptive level) in both.
-Optional 4th argument: JSON of HopeConfig overrides, e.g. '{"cms_chunk_sizes": [null]}' (no NaN then).
+Prints step, loss, grad norm, then the first module whose output is non-finite on the last batch, with the
+chunked and the reference scans. Before commit 5bf3048 (unnormalised CMS step) the loss was NaN at step 4 in
+fp32 and bf16 alike, first in `CMSLevel model.layers.2.cms.levels.0` (the C=32 adaptive level). With the
+normalised step it stays finite: fp32 and bf16 through 7 steps, fp32 through 40 steps (loss 8.34 -> 5.86),
+and no module has a non-finite output.
+Optional 4th argument: JSON of HopeConfig overrides, e.g. '{"cms_chunk_sizes": [null]}'.
 """
 import json
 import math
