@@ -3,9 +3,10 @@
 A level with chunk size `C` reads every token of a chunk with the chunk-start fast weights
 `theta = (gate [B, I, d], up [B, I, d], down [B, d, I])` and, when the chunk is complete, writes
 
-    theta <- alpha * theta - eta / max(1, sum_t ||u_t||^2) * sum_{t in chunk} grad_theta 1/2 ||swiglu_theta(n_t) - z_t||^2
+    theta <- alpha * theta - eta / max(1, sum_t ||u_t||^2 g_t) * sum_{t in chunk} grad_theta 1/2 ||swiglu_theta(n_t) - z_t||^2
 
-(`z_t = n_t W_V`, `u_t` each weight's layer input: the normalised step of `ops_reference.cms_scan`). The open chunk's inputs wait in a buffer ([B, C, d], in the cache); its summed
+(`z_t = n_t W_V`, `u_t` each weight's layer input, `g_t` its gain: the normalised step of
+`ops_reference.cms_scan`). The open chunk's inputs wait in a buffer ([B, C, d], in the cache); its summed
 gradient is taken only when it completes, over the whole chunk at once (one matmul per weight),
 so a decoding step costs one read of `theta`.
 
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops_chunked import ChunkGrid, in_state_precision, select_where
+from .ops_reference import swiglu_gains
 
 Weights = Dict[str, torch.Tensor]
 NAMES = ("gate", "up", "down")
@@ -54,6 +56,13 @@ def _apply(x: torch.Tensor, w: torch.Tensor, transpose: bool = True) -> torch.Te
     return x @ w
 
 
+def _column_energy(down: torch.Tensor) -> torch.Tensor:
+    """`||down[:, i]||^2` of a shared [Dm, I] or per-sample [B, Dm, I] weight, as [I] or [B, 1, I]
+    (broadcast against a chunk's [B, C, I] activations)."""
+    energy = (_weight(down) ** 2).sum(-2)
+    return energy if energy.dim() == 1 else energy.unsqueeze(1)
+
+
 def swiglu_chunk(weights: Weights, n: torch.Tensor):
     """Per-sample SwiGLU on a chunk. n: [B, C, Dm]; gate/up: [B, I, Dm]; down: [B, Dm, I].
     Returns (output [B, C, Dm], gate pre-activation, up, hidden [B, C, I])."""
@@ -67,7 +76,7 @@ def swiglu_chunk_gradient_sum(weights: Weights, n: torch.Tensor, target: torch.T
     """Outputs, the sum over a chunk's real tokens of the gradients of
     `1/2 ||swiglu(n_t) - target_t||^2` w.r.t. gate, up, down (the hand-derived
     `ops_reference.swiglu_gradients`, summed by one matmul each), and the normalisers of the step:
-    per weight, `max(1, sum_t ||u_t||^2)` of its layer input ([B]).
+    per weight, `max(1, sum_t ||u_t||^2 g_t)` of its layer input and gain ([B]).
     n, target: [B, C, Dm]; active: [B, C] or None."""
     out, gate, up, hidden = swiglu_chunk(weights, n)
     error = out - target
@@ -85,9 +94,10 @@ def swiglu_chunk_gradient_sum(weights: Weights, n: torch.Tensor, target: torch.T
         "down": error.transpose(-1, -2) @ hidden,
     }
     n_real, hidden_real = (n, hidden) if keep is None else (n * keep, hidden * keep)
-    energy_in = (n_real * n_real).sum((1, 2)).clamp(min=1.0)
-    energy_hidden = (hidden_real * hidden_real).sum((1, 2)).clamp(min=1.0)
-    norms = {"gate": energy_in, "up": energy_in, "down": energy_hidden}
+    energy_in = (n_real * n_real).sum(-1)  # [B, C]
+    gain_gate, gain_up = swiglu_gains(_column_energy(weights["down"]), gate, up)
+    norms = {"gate": (energy_in * gain_gate).sum(1).clamp(min=1.0), "up": (energy_in * gain_up).sum(1).clamp(min=1.0),
+             "down": (hidden_real * hidden_real).sum((1, 2)).clamp(min=1.0)}
     return out, {name: g.to(state_dtype) for name, g in sums.items()}, norms
 
 
@@ -243,23 +253,23 @@ class _Chunk:
         self.grad_hidden = _apply(self.error, down_w, transpose=False)  # [B, C, I]
         self.grad_gate = self.grad_hidden * self.up * self.dsilu
         self.grad_up = self.grad_hidden * self.act
-        # the step's normalisers sum_t ||u_t||^2 (before the max(1, .)), per sample [B]
-        self.energy_in = (n * n).sum((1, 2))
-        self.energy_hidden = (self.hidden * self.hidden).sum((1, 2))
+        # the step's normalisers sum_t ||u_t||^2 g_t (before the max(1, .)), per sample [B]; the
+        # gains g_t [B, C] (no gradient) of gate and up
+        self.gain_gate, self.gain_up = swiglu_gains(_column_energy(down_w), self.gate, self.up)
+        energy_in = (n * n).sum(-1)  # [B, C]
+        self.energies = ((energy_in * self.gain_gate).sum(1), (energy_in * self.gain_up).sum(1),
+                         (self.hidden * self.hidden).sum((1, 2)))
 
-    def rates(self, eta: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        """eta / max(1, energy) for (gate, up) and for down, [B, 1, 1]."""
-        return ((eta / self.energy_in.clamp(min=1.0)).view(-1, 1, 1),
-                (eta / self.energy_hidden.clamp(min=1.0)).view(-1, 1, 1))
+    def rates(self, eta: float) -> Tuple[torch.Tensor, ...]:
+        """eta / max(1, energy) for gate, up and down, [B, 1, 1] each."""
+        return tuple((eta / energy.clamp(min=1.0)).view(-1, 1, 1) for energy in self.energies)
 
     def step(self, weights, eta: float, alpha: float):
         """The fast weights after this (complete) chunk."""
         n = self.n
         sums = (self.grad_gate.transpose(-1, -2) @ n, self.grad_up.transpose(-1, -2) @ n,
                 self.error.transpose(-1, -2) @ self.hidden)
-        rate_in, rate_hidden = self.rates(eta)
-        rates = (rate_in, rate_in, rate_hidden)
-        return tuple(alpha * w - r.to(w.dtype) * g.to(w.dtype) for w, r, g in zip(weights, rates, sums))
+        return tuple(alpha * w - r.to(w.dtype) * g.to(w.dtype) for w, r, g in zip(weights, self.rates(eta), sums))
 
 
 def _owned(t: torch.Tensor, inputs) -> torch.Tensor:
@@ -358,20 +368,23 @@ class CMSChunkFunction(torch.autograd.Function):
                     q_error = chunk.hidden @ d_weights[2].to(x.dtype).transpose(-1, -2)  # [B, C, d]
                     q_hidden = chunk.error @ d_weights[2].to(x.dtype)  # [B, C, I]
                     # <dW', G> per sample without forming G: <dW, g^T x> = sum(g * (x dW^T)).
-                    inner_in = (chunk.grad_gate * q_gate).sum((1, 2)) + (chunk.grad_up * q_up).sum((1, 2))
-                    inner_hidden = (chunk.error * q_error).sum((1, 2))
-                    rate_in, rate_hidden = chunk.rates(1.0)  # 1 / max(1, energy), [B, 1, 1]
-                    grad_eta -= ((rate_in.flatten() * inner_in).sum() + (rate_hidden.flatten() * inner_hidden).sum()).double()
+                    inners = ((chunk.grad_gate * q_gate).sum((1, 2)), (chunk.grad_up * q_up).sum((1, 2)),
+                              (chunk.error * q_error).sum((1, 2)))
+                    rates = chunk.rates(1.0)  # 1 / max(1, energy), [B, 1, 1] each
+                    grad_eta -= sum((r.flatten() * inner).sum() for r, inner in zip(rates, inners)).double()
                     for w, dw in zip(weights, d_weights):
                         grad_alpha += (dw * w).sum().double()
-                    # through the normalisers: d(1/E)/dE = -1/E^2 where E > 1, and dE/du = 2u
-                    d_energy_in = (eta_f * inner_in * rate_in.flatten() ** 2 * (chunk.energy_in > 1)).view(-1, 1, 1)
-                    d_energy_hidden = (eta_f * inner_hidden * rate_hidden.flatten() ** 2
-                                       * (chunk.energy_hidden > 1)).view(-1, 1, 1)
-                    scale_in, scale_hidden = -eta_f * rate_in, -eta_f * rate_hidden
-                    d_grad_gate, d_grad_up = scale_in * q_gate, scale_in * q_up
-                    d_x = scale_in * (chunk.grad_gate @ d_weights[0].to(x.dtype) + chunk.grad_up @ d_weights[1].to(x.dtype))
-                    d_x = d_x + 2 * d_energy_in * x
+                    # through the normalisers: d(1/E)/dE = -1/E^2 where E > 1; dE/du_t = 2 g_t u_t
+                    # (the gains g_t carry no gradient)
+                    d_energy_gate, d_energy_up, d_energy_hidden = (
+                        (eta_f * inner * r.flatten() ** 2 * (energy > 1)).view(-1, 1, 1)
+                        for inner, r, energy in zip(inners, rates, chunk.energies))
+                    scale_gate, scale_up, scale_hidden = (-eta_f * r for r in rates)
+                    d_grad_gate, d_grad_up = scale_gate * q_gate, scale_up * q_up
+                    d_x = (scale_gate * (chunk.grad_gate @ d_weights[0].to(x.dtype))
+                           + scale_up * (chunk.grad_up @ d_weights[1].to(x.dtype)))
+                    d_x = d_x + 2 * (d_energy_gate * chunk.gain_gate.unsqueeze(-1)
+                                     + d_energy_up * chunk.gain_up.unsqueeze(-1)) * x
                     # grad_gate = grad_hidden * up * dsilu(gate); grad_up = grad_hidden * act
                     d_grad_hidden = d_grad_up * chunk.act + d_grad_gate * chunk.up * chunk.dsilu
                     d_act = d_grad_up * chunk.grad_hidden

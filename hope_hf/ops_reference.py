@@ -146,6 +146,22 @@ def swiglu(weights: Dict[str, torch.Tensor], n: torch.Tensor) -> Tuple[torch.Ten
     return torch.einsum("bdi,bi->bd", weights["down"], hidden), gate, up, hidden
 
 
+def swiglu_gains(column_energy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token gains of a SwiGLU's gate and up layers for the CMS step normaliser, at least 1, no gradient.
+
+    The gain of a layer is the squared Frobenius norm of `d out / d (its pre-activation)`:
+    `sum_i ||down[:, i]||^2 a_i^2` with `a = up * silu'(gate)` for gate and `a = silu(gate)` for
+    up, an upper bound of the curvature `||J||^2` that the layer input's energy alone misses.
+    column_energy: `||down[:, i]||^2`, broadcastable against gate; gate (pre-activation), up:
+    [..., I]. Returns (gain_gate, gain_up), each [...].
+    """
+    with torch.no_grad():  # [choice] a safeguard on the step size, like gradient clipping: not differentiated
+        sig = torch.sigmoid(gate)
+        gain_gate = (column_energy * (up * sig * (1 + gate * (1 - sig))) ** 2).sum(-1).clamp(min=1.0)
+        gain_up = (column_energy * (gate * sig) ** 2).sum(-1).clamp(min=1.0)
+    return gain_gate, gain_up
+
+
 def swiglu_gradients(weights: Dict[str, torch.Tensor], n: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Gradient of `1/2 || swiglu(n) - target ||^2` w.r.t. gate, up, down (hand-derived)."""
     out, gate, up, hidden = swiglu(weights, n)
@@ -178,8 +194,9 @@ def cms_scan(
 
     Tokens of a chunk are processed with the chunk-start fast weights `theta` and kept in
     `buffer`; when the chunk is complete, `theta <- alpha * theta - eta * sum_t grad_t / max(1,
-    sum_t ||u_t||^2)` with the gradients of `1/2 ||MLP_theta(n_t) - n_t W_V||^2` over the chunk's
-    tokens (`u_t` each weight's layer input), and the buffer is emptied. n: [B, T, Dm]; mask: [B, T]; seen, num_updates: [B]; buffer: [B, C, Dm], rows
+    sum_t ||u_t||^2 g_t)` with the gradients of `1/2 ||MLP_theta(n_t) - n_t W_V||^2` over the
+    chunk's tokens (`u_t` each weight's layer input, `g_t` its gain, `swiglu_gains`), and the
+    buffer is emptied. n: [B, T, Dm]; mask: [B, T]; seen, num_updates: [B]; buffer: [B, C, Dm], rows
     `[0, seen % C)` filled, the rest zero (None: empty); value_weight: [Dm, Dm] (nn.Linear
     layout); eta, alpha: scalars. Returns (y [B, T, Dm], theta, buffer, num_updates).
     """
@@ -201,20 +218,26 @@ def cms_scan(
         if not bool(boundary.any()):
             continue
         grad_sum = {name: torch.zeros_like(w.expand(batch, *w.shape[1:])) for name, w in theta.items()}
-        energy = {"in": n.new_zeros(batch), "hidden": n.new_zeros(batch)}  # sum_t ||u_t||^2 per layer input
+        # sum_t ||u_t||^2 * gain_t per weight: its layer input's energy times its output gain
+        scale = {name: n.new_zeros(batch) for name in theta}
+        column_energy = (theta["down"] ** 2).sum(1)  # [B, I]
         for j in range(chunk_size):  # the chunk's tokens, read at the chunk-start weights
             n_j = buffer[:, j]
             grads = swiglu_gradients(theta, n_j, n_j @ value_weight.t())
             grad_sum = {name: grad_sum[name] + grads[name] for name in grads}
-            energy["in"] = energy["in"] + (n_j * n_j).sum(-1)
-            hidden = swiglu(theta, n_j)[3]
-            energy["hidden"] = energy["hidden"] + (hidden * hidden).sum(-1)
+            _, gate, up, hidden = swiglu(theta, n_j)
+            gain_gate, gain_up = swiglu_gains(column_energy, gate, up)
+            energy_in = (n_j * n_j).sum(-1)
+            scale["gate"] = scale["gate"] + energy_in * gain_gate
+            scale["up"] = scale["up"] + energy_in * gain_up
+            scale["down"] = scale["down"] + (hidden * hidden).sum(-1)
         # [choice] Normalised step, as in memory_hope.dgd_step: each weight's summed gradient is
-        # divided by max(1, sum_t ||u_t||^2) of its layer input (n for gate/up, the hidden
-        # activation for down). Unnormalised, a chunk of C RMS-normalised inputs has curvature up
-        # to C * d, so eta = 1e-3 already diverged for C >= 8 at d = 256 (NaN in training and on
-        # long inputs); normalised, the step is stable for eta < 2 on a linear layer.
-        scale = {"gate": energy["in"], "up": energy["in"], "down": energy["hidden"]}
+        # divided by max(1, sum_t ||u_t||^2 g_t), its layer input's energy (n for gate/up, the
+        # hidden activation for down) times the gain g_t of the path from the layer to the output
+        # (`swiglu_gains`; 1 for down). This bounds the step's curvature, so it is stable for eta < 2
+        # per layer. Unnormalised, a chunk of C RMS-normalised inputs has curvature up to C * d
+        # (eta = 1e-3 diverged for C >= 8 at d = 256); without the gains, trained gate/up weights
+        # reached an effective rate of 4.5 at eta = 0.1 and diverged (results/diagnostics/repro_formal_nan.py).
         done = boundary.view(-1, 1, 1)
         theta = {
             name: torch.where(done, alpha * theta[name] - eta * grad_sum[name] / scale[name].clamp(min=1.0).view(-1, 1, 1),

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from conftest import tiny_config, tiny_model
@@ -258,8 +259,10 @@ def test_recomputed_scan_gives_identical_gradients():
 
 
 def test_cms_update_is_the_normalised_step():
-    """One complete chunk: theta' = alpha theta - eta / max(1, sum_t ||u_t||^2) sum_t grad_t, per
-    weight with its own layer input u (n for gate/up, the hidden activation for down)."""
+    """One complete chunk: theta' = alpha theta - eta / max(1, sum_t ||u_t||^2 g_t) sum_t grad_t, per
+    weight with its own layer input u (n for gate/up, the hidden activation for down) and gain g: the
+    squared Frobenius norm of d out / d (the layer's pre-activation), at least 1 (1 for down). The gains
+    are checked here against autograd Jacobians."""
     from hope_hf.ops_reference import swiglu, swiglu_gradients
 
     gen = torch.Generator().manual_seed(21)
@@ -271,12 +274,25 @@ def test_cms_update_is_the_normalised_step():
     _, new, buffer, updates = cms_scan(n, theta, None, torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long),
                                        torch.ones(B, C, dtype=torch.bool), value, eta, alpha, C, True)
     grads = [swiglu_gradients(theta, n[:, t], n[:, t] @ value.t()) for t in range(C)]
-    energy_in = (n * n).sum((1, 2))
-    energy_hidden = sum((swiglu(theta, n[:, t])[3] ** 2).sum(-1) for t in range(C))
-    assert bool((energy_in > 1).all()) and bool((energy_hidden > 1).all())  # the normaliser is active
-    for name, energy in (("gate", energy_in), ("up", energy_in), ("down", energy_hidden)):
+
+    def gain(b, t, layer):  # ||d out / d pre-activation||_F^2 of sample b, token t, at least 1
+        x = n[b, t]
+        gate, up = theta["gate"][b] @ x, theta["up"][b] @ x
+        if layer == "gate":
+            jac = torch.autograd.functional.jacobian(lambda g: theta["down"][b] @ (F.silu(g) * up), gate)
+        else:
+            jac = torch.autograd.functional.jacobian(lambda u: theta["down"][b] @ (F.silu(gate) * u), up)
+        return max(1.0, float((jac ** 2).sum()))
+
+    energy = {name: torch.tensor([sum(float((n[b, t] ** 2).sum()) * gain(b, t, name) for t in range(C)) for b in range(B)],
+                                 dtype=torch.float64) for name in ("gate", "up")}
+    energy["down"] = sum((swiglu(theta, n[:, t])[3] ** 2).sum(-1) for t in range(C))
+    gains = torch.tensor([[gain(b, t, "gate") for t in range(C)] for b in range(B)])
+    assert bool((gains > 1).any())  # the gains are active somewhere
+    assert all(bool((e > 1).all()) for e in energy.values())  # the normaliser is active
+    for name in ("gate", "up", "down"):
         total = sum(g[name] for g in grads)
-        expected = alpha * theta[name] - eta * total / energy.view(-1, 1, 1)
+        expected = alpha * theta[name] - eta * total / energy[name].view(-1, 1, 1)
         torch.testing.assert_close(new[name], expected, atol=1e-12, rtol=0)
     assert updates.tolist() == [1, 1] and bool((buffer == 0).all())
 
@@ -315,3 +331,40 @@ def test_cms_training_path_frees_its_outputs(length):
         assert weight() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("length", [24, 21, 72])
+def test_cms_hand_backward_equals_reference_where_the_gains_are_active(length):
+    """`CMSChunkFunction` (aligned training batch, hand-derived backward) against autograd through
+    `ops_reference.cms_scan`, with weights large enough that the gains and every normaliser are
+    above 1: outputs, end weights and the gradients of inputs, target weight, eta, alpha, weights."""
+    from hope_hf.ops_cms import cms_chunked
+
+    gen = torch.Generator().manual_seed(1000 + length)
+    B, C, D, I = 2, 4, 6, 9
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=gen)  # noqa: E731
+    leaves = {"n": r(B, length, D), "value": r(D, D) * 0.5, "gate": r(I, D), "up": r(I, D), "down": r(D, I),
+              "eta": torch.tensor(0.2, dtype=torch.float64), "alpha": torch.tensor(0.95, dtype=torch.float64)}
+    probe = r(B, length, D)
+    results = {}
+    for name, scan in (("fast", cms_chunked), ("reference", cms_scan)):
+        x = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+        theta = {k: x[k].unsqueeze(0).expand(B, *x[k].shape) for k in ("gate", "up", "down")}
+        zeros = torch.zeros(B, dtype=torch.long)
+        y, end, _, updates = scan(x["n"], theta, None, zeros, zeros, torch.ones(B, length, dtype=torch.bool),
+                                  x["value"], x["eta"], x["alpha"], C, True)
+        loss = (y * probe).sum() + sum((end[k] ** 2).sum() for k in end) * 1e-3
+        loss.backward()
+        results[name] = (y.detach(), {k: v.detach() for k, v in end.items()}, {k: v.grad for k, v in x.items()}, updates)
+    (y_f, end_f, grad_f, upd_f), (y_r, end_r, grad_r, upd_r) = results["fast"], results["reference"]
+    assert upd_f.tolist() == upd_r.tolist() == [length // C] * B
+    torch.testing.assert_close(y_f, y_r, atol=1e-10, rtol=1e-10)
+    for k in end_r:
+        torch.testing.assert_close(end_f[k], end_r[k], atol=1e-10, rtol=1e-10, msg=k)
+    for k in grad_r:
+        torch.testing.assert_close(grad_f[k], grad_r[k], atol=1e-9, rtol=1e-8, msg=k)
+    # the regime under test: gains above 1 at the first chunk
+    from hope_hf.ops_reference import swiglu, swiglu_gains
+    first = {k: leaves[k].unsqueeze(0).expand(B, *leaves[k].shape) for k in ("gate", "up", "down")}
+    _, gate, up, _ = swiglu(first, leaves["n"][:, 0])
+    assert bool((torch.stack(swiglu_gains((leaves["down"] ** 2).sum(0), gate, up)) > 1).all())
