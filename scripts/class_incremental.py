@@ -372,6 +372,7 @@ def build_method(method: str, pretrained, args):
     adapter = HopeAdapterConfig(
         layers=layers, cms_chunk_sizes=args.cms_chunk_sizes, cms_intermediate_size=args.cms_intermediate_size,
         chunk_size=args.memory_chunk, memory_chunk_size=args.memory_chunk, trainable_pretrained_levels=True,
+        hope_kwargs={} if args.cms_eta is None else {"cms_eta_init": args.cms_eta},
     )
     model = apply_hope_adapter(model, adapter)
     freeze_base(model)
@@ -473,6 +474,8 @@ def parse_args(argv=None):
     parser.add_argument("--ewc-lambda", type=float, default=1e4)
     parser.add_argument("--cms-chunk-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
     parser.add_argument("--cms-intermediate-size", type=int, default=128)
+    parser.add_argument("--cms-eta", type=float, default=None,
+                        help="initial in-context rate of the added CMS levels (default: HopeConfig's cms_eta_init)")
     parser.add_argument("--memory-chunk", type=int, default=8, help="chunk size of the self-modifying memories")
     parser.add_argument("--slow-period", type=int, default=8, help="MultiFrequency period of the pretrained MLP level")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="disable bf16 autocast")

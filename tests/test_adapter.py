@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hope_hf import HopeForCausalLM
+from hope_hf import HopeConfig, HopeForCausalLM
 from hope_hf.adapters import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -247,12 +247,15 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert (grads[0][name] - grads[1][name]).abs().max().item() < 1e-12, name
 
 
-def test_default_cms_inner_rate_scales_with_width_and_chunk():
-    model = apply_hope_adapter(tiny_llama(), HopeAdapterConfig(layers=[1], cms_chunk_sizes=[2, 5], mlp_chunk_size=8))
-    layer = model.model.layers[1]
-    for level in layer.hope_cms.levels:
-        assert torch.nn.functional.softplus(level.eta_logit).item() == pytest.approx(0.1 / (24 * 5), rel=1e-5)
-    assert torch.nn.functional.softplus(layer.mlp.eta_logit).item() == pytest.approx(0.1 / (24 * 8), rel=1e-5)
+def test_cms_inner_rate_is_hope_configs_unless_given():
+    """The added and the pretrained levels take HopeConfig's `cms_eta_init` (the normalised step is
+    stable at any width); `hope_kwargs` overrides it."""
+    default = HopeConfig().cms_eta_init
+    for kwargs, expected in (({}, default), ({"cms_eta_init": 0.013}, 0.013)):
+        adapter = HopeAdapterConfig(layers=[1], cms_chunk_sizes=[2, 5], mlp_chunk_size=8, hope_kwargs=kwargs)
+        layer = apply_hope_adapter(tiny_llama(), adapter).model.layers[1]
+        for level in [*layer.hope_cms.levels, layer.mlp]:
+            assert torch.nn.functional.softplus(level.eta_logit).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_multi_frequency_periods_of_the_adapted_levels():

@@ -100,10 +100,9 @@ class HopeAdapterConfig:
             parameters: `freeze_base` leaves them trainable and `save_hope_adapter` saves them
             (for continual learning where the slowest level learns too, at a low frequency).
         hope_kwargs: Further `HopeConfig` fields for the added modules (e.g. `eta_init`,
-            `alpha_init`, `cms_eta_init`, `in_context_updates`, `scan_implementation`). Unless set
-            here, the CMS levels' initial inner learning rate is `0.1 / (hidden_size * C_max)`
-            (`C_max`: the largest chunk size among the levels of that config), not HopeConfig's
-            1e-3, which makes the in-context update diverge at Llama widths.
+            `alpha_init`, `cms_eta_init`, `in_context_updates`, `scan_implementation`); the CMS
+            levels' inner learning rate is HopeConfig's (`cms_eta_init`, the normalised step: stable
+            at any width).
     """
 
     layers: Optional[List[int]] = None
@@ -183,13 +182,6 @@ class HopeAdapterConfig:
                     intermediate_size: Optional[int]) -> HopeConfig:
         """A `HopeConfig` for modules of width `base.hidden_size` with the given CMS levels."""
         kwargs = dict(self.hope_kwargs)
-        chunks = [c for c in cms_chunk_sizes if c is not None]
-        if chunks and "cms_eta_init" not in kwargs:
-            # A level's in-context step sums C gradients whose curvature in gate/up grows with
-            # ||n||^2 = d (n is RMS-normalised): the HopeConfig default 1e-3 diverges at Llama widths
-            # (d=576, C=8: 1e-3 * 8 * 576 = 4.6 > 2, NaN within a few training steps). Keep
-            # eta * C_max * d = 0.1.
-            kwargs["cms_eta_init"] = 0.1 / (base.hidden_size * max(chunks))
         return HopeConfig(
             vocab_size=base.vocab_size, hidden_size=base.hidden_size, num_hidden_layers=base.num_hidden_layers,
             num_heads=self.num_heads or base.num_attention_heads, mixer="self_modifying",
