@@ -450,6 +450,31 @@ def write_outputs(folder: str, settings: dict, results: List[dict]) -> None:
     plt.close(fig)
 
 
+def merge_results(sources: Sequence[str], out: str) -> str:
+    """Merge the `results.json` of several runs on one dataset into `out/<dataset>/` (table and PNG).
+
+    sources: `path/results.json` or `path/results.json:LABEL`; a label is appended to the method
+    names of that file (e.g. to tell runs with other settings apart). Returns the folder written."""
+    results, runs, dataset = [], [], None
+    for source in sources:
+        path, _, label = source.partition(":")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--merge: {path} is not a file (expected a results.json written by this script)")
+        with open(path) as f:
+            payload = json.load(f)
+        settings = payload["settings"]
+        if dataset is not None and settings["dataset"] != dataset:
+            raise SystemExit(f"--merge: {path} is a {settings['dataset']} run, the first file a {dataset} run")
+        dataset = settings["dataset"]
+        runs.append({"file": path, "label": label, "settings": settings})
+        for r in payload["results"]:
+            results.append({**r, "method": f"{r['method']} {label}" if label else r["method"]})
+    settings = {**runs[0]["settings"], "merged_from": runs}
+    folder = os.path.join(out, dataset)
+    write_outputs(folder, settings, results)
+    return folder
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="clinc", choices=list(BOLT_DATASETS))
@@ -481,6 +506,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="disable bf16 autocast")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--merge", nargs="+", metavar="RESULTS_JSON[:LABEL]",
+                        help="instead of running: merge these runs' results into --out/<dataset>/")
     args = parser.parse_args(argv)
     args.fill_multiple = math.lcm(*args.cms_chunk_sizes, args.memory_chunk)
     args.methods = [m for m in args.methods.split(",") if m]
@@ -493,6 +520,9 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     args = parse_args(argv)
+    if args.merge:
+        print(f"wrote {merge_results(args.merge, args.out)}/results.json, results.csv, accuracy.png")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     if not os.path.isdir(args.model):

@@ -129,3 +129,23 @@ def test_script_pipeline_on_a_tiny_llama():
     alone = [ci.predict_labels(model, [p], trie, 0, args, prefix)[0] for p in prompts]
     assert batched == alone and set(batched) <= set(candidates)
     assert len(set(batched)) >= 3  # the answers differ, so the comparison means something
+
+
+def test_merge_results_labels_methods_and_refuses_other_datasets(tmp_path):
+    ci = _load_script()
+    metrics = lambda acc: {"accuracy": [[acc]], "seen_accuracy": [acc], "train_loss": [], "seconds": 1.0,  # noqa: E731
+                           "trainable_parameters": 3, "with_context": False, "average_accuracy": acc,
+                           "final_accuracy": acc, "forgetting": 0.0}
+    for name, dataset, method, acc in (("a", "clinc", "icl", 0.5), ("b", "clinc", "hope", 0.75), ("c", "banking", "icl", 0.1)):
+        ci.write_outputs(str(tmp_path / name), {"dataset": dataset, "num_tasks": 1, "classes_per_task": 1},
+                         [{"method": method, **metrics(acc)}])
+    folder = ci.merge_results([str(tmp_path / "a" / "results.json"), str(tmp_path / "b" / "results.json") + ":eta=0.1"],
+                              str(tmp_path / "merged"))
+    rows = (tmp_path / "merged" / "clinc" / "results.csv").read_text().splitlines()
+    assert folder == str(tmp_path / "merged" / "clinc") and len(rows) == 3
+    assert rows[1].startswith("clinc,icl,") and rows[2].startswith("clinc,hope eta=0.1,") and ",0.7500," in rows[2]
+    assert (tmp_path / "merged" / "clinc" / "accuracy.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="banking run"):
+        ci.merge_results([str(tmp_path / "a" / "results.json"), str(tmp_path / "c" / "results.json")], str(tmp_path / "m2"))
+    with pytest.raises(SystemExit, match="not a file"):
+        ci.merge_results([str(tmp_path / "missing.json")], str(tmp_path / "m3"))
