@@ -435,7 +435,7 @@ def write_outputs(folder: str, settings: dict, results: List[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     for r in results:
         tasks = range(1, len(r["seen_accuracy"]) + 1)
         ax.plot(tasks, r["seen_accuracy"], marker="o", label=f"{r['method']} (avg {r['average_accuracy']:.2f})")
@@ -444,7 +444,7 @@ def write_outputs(folder: str, settings: dict, results: List[dict]) -> None:
     ax.set_title(f"{settings['dataset']}: {settings['num_tasks']} tasks x {settings['classes_per_task']} classes")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: the lines cross everywhere
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "accuracy.png"), dpi=120)
     plt.close(fig)
