@@ -267,19 +267,25 @@ def plot(results, rows, contexts, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_cell_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that pick and time the cells, shared with `peer_nested_learning.py` (its rows must be
+    measured in the same cells)."""
     parser.add_argument("--size", default="", help="e.g. d=256,layers=4,heads=4,vocab=8192 (the default)")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per cell (median reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per cell, after one warm-up (median reported)")
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--contexts", default=",".join(map(str, DECODE_CONTEXTS)))
     parser.add_argument("--quick", action="store_true", help="skip the T=8192 training cells")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per cell")
+    parser.add_argument("--cell", help=argparse.SUPPRESS)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cell_arguments(parser)
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-loop prefill cells")
     parser.add_argument("--peer", action="store_true", help="also try PyPI nested-learning==0.2.0")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per cell")
     parser.add_argument("--out", default="runs/bench_speed")
-    parser.add_argument("--cell", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.cell:
         print(json.dumps(run_cell(json.loads(args.cell))))

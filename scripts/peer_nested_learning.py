@@ -58,7 +58,7 @@ if TYPE_CHECKING:  # torch is imported lazily: the driver process only spawns ce
     import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import DECODE_CONTEXTS, cells_for, parse_size, spawn  # noqa: E402  (stdlib-only at import time)
+from bench_speed import add_cell_arguments, cells_for, parse_size, spawn  # noqa: E402  (stdlib-only at import time)
 
 PEER_PACKAGE = "nested-learning"
 PEER_VERSION = "0.2.0"
@@ -281,18 +281,12 @@ def run_cell(cell: dict) -> dict:
 # --- the driver ------------------------------------------------------------------------------------
 def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="", help="e.g. d=256,layers=4,heads=4,vocab=8192 (the default)")
+    add_cell_arguments(parser)
     parser.add_argument("--variant", default="hope_selfmod", choices=VARIANTS)
     parser.add_argument("--train-mode", default="online", choices=TRAIN_MODES)
     parser.add_argument("--row", default="peer", help="row name in the JSON lines")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per cell (after one warm-up)")
-    parser.add_argument("--decode-steps", type=int, default=16)
-    parser.add_argument("--contexts", default=",".join(map(str, DECODE_CONTEXTS)))
     parser.add_argument("--tasks", default="", help="comma-separated subset of the cells (default: all)")
-    parser.add_argument("--quick", action="store_true", help="skip the T=8192 training cells")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per cell")
     parser.add_argument("--out", default="runs/bench_speed/peer_nested_learning.json")
-    parser.add_argument("--cell", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.cell:
         print(json.dumps(run_cell(json.loads(args.cell))))
