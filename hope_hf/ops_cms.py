@@ -63,6 +63,16 @@ def _column_energy(down: torch.Tensor) -> torch.Tensor:
     return energy if energy.dim() == 1 else energy.unsqueeze(1)
 
 
+def _step_energies(n: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, hidden: torch.Tensor, down: torch.Tensor):
+    """The step's normalisers before the max(1, .): `sum_t ||u_t||^2 g_t` for gate, up and down ([B] each),
+    and the gains `g_t` of gate and up ([B, C] each, no gradient; `ops_reference.swiglu_gains`).
+    n: [B, C, d] and hidden: [B, C, I] with padding rows zeroed; gate, up: [B, C, I]; down: the fast weight."""
+    gain_gate, gain_up = swiglu_gains(_column_energy(down), gate, up)
+    energy_in = (n * n).sum(-1)  # [B, C]
+    energies = ((energy_in * gain_gate).sum(1), (energy_in * gain_up).sum(1), (hidden * hidden).sum((1, 2)))
+    return energies, (gain_gate, gain_up)
+
+
 def swiglu_chunk(weights: Weights, n: torch.Tensor):
     """Per-sample SwiGLU on a chunk. n: [B, C, Dm]; gate/up: [B, I, Dm]; down: [B, Dm, I].
     Returns (output [B, C, Dm], gate pre-activation, up, hidden [B, C, I])."""
@@ -94,10 +104,8 @@ def swiglu_chunk_gradient_sum(weights: Weights, n: torch.Tensor, target: torch.T
         "down": error.transpose(-1, -2) @ hidden,
     }
     n_real, hidden_real = (n, hidden) if keep is None else (n * keep, hidden * keep)
-    energy_in = (n_real * n_real).sum(-1)  # [B, C]
-    gain_gate, gain_up = swiglu_gains(_column_energy(weights["down"]), gate, up)
-    norms = {"gate": (energy_in * gain_gate).sum(1).clamp(min=1.0), "up": (energy_in * gain_up).sum(1).clamp(min=1.0),
-             "down": (hidden_real * hidden_real).sum((1, 2)).clamp(min=1.0)}
+    energies, _ = _step_energies(n_real, gate, up, hidden_real, weights["down"])
+    norms = {name: energy.clamp(min=1.0) for name, energy in zip(NAMES, energies)}
     return out, {name: g.to(state_dtype) for name, g in sums.items()}, norms
 
 
@@ -253,12 +261,7 @@ class _Chunk:
         self.grad_hidden = _apply(self.error, down_w, transpose=False)  # [B, C, I]
         self.grad_gate = self.grad_hidden * self.up * self.dsilu
         self.grad_up = self.grad_hidden * self.act
-        # the step's normalisers sum_t ||u_t||^2 g_t (before the max(1, .)), per sample [B]; the
-        # gains g_t [B, C] (no gradient) of gate and up
-        self.gain_gate, self.gain_up = swiglu_gains(_column_energy(down_w), self.gate, self.up)
-        energy_in = (n * n).sum(-1)  # [B, C]
-        self.energies = ((energy_in * self.gain_gate).sum(1), (energy_in * self.gain_up).sum(1),
-                         (self.hidden * self.hidden).sum((1, 2)))
+        self.energies, (self.gain_gate, self.gain_up) = _step_energies(n, self.gate, self.up, self.hidden, down_w)
 
     def rates(self, eta: float) -> Tuple[torch.Tensor, ...]:
         """eta / max(1, energy) for gate, up and down, [B, 1, 1] each."""
