@@ -21,6 +21,8 @@ from typing import Dict, List, Optional
 import torch
 from transformers.cache_utils import Cache
 
+from .configuration_hope import SELF_MODIFYING_MEMORIES
+
 
 CACHE_FORMAT = "hope-cache-v2"
 
@@ -28,6 +30,72 @@ CACHE_FORMAT = "hope-cache-v2"
 def signature_diff(cached: dict, expected: dict) -> dict:
     """The fields where two state signatures differ: name -> (cached, expected)."""
     return {k: (cached.get(k), v) for k, v in expected.items() if cached.get(k) != v}
+
+
+def _is_fast_weight(name: str) -> bool:
+    """Memory states and CMS fast weights (not counters, buffers, conv tails or KV pairs)."""
+    return name.startswith("mem.") or (name.startswith("cms.") and name.rsplit(".", 1)[-1] in ("gate", "up", "down"))
+
+
+def expected_layer_state(config, batch_size: int, seen_columns: int) -> Dict[str, tuple]:
+    """The tensors one layer's state holds after a call, for `config`: name -> (shape, kind),
+    kind "float" (fast weights and inputs, one dtype), "long" (counters) or "bool" (masks)."""
+    d, heads, dim = config.hidden_size, config.num_heads, config.head_dim
+    spec: Dict[str, tuple] = {}
+    if config.mixer == "attention":
+        spec["keys"] = spec["values"] = ((batch_size, heads, seen_columns, dim), "any-float")
+        spec["key_mask"] = ((batch_size, seen_columns), "bool")
+    else:
+        spec["conv"] = ((batch_size, config.conv_window - 1, d), "float")
+        names = ("mem",) if config.mixer == "titans" else SELF_MODIFYING_MEMORIES
+        if config.memory_type == "deep":
+            weights = {"W1": (heads, dim, config.memory_dim), "W2": (heads, config.memory_dim, dim)}
+        else:
+            weights = {"W": (heads, dim, dim)}
+        for name in names:
+            for w, shape in weights.items():
+                spec[f"mem.{name}.{w}"] = spec[f"mem.{name}.{w}.start"] = ((batch_size, *shape), "float")
+    inner = config.cms_hidden_size
+    for level, size in enumerate(config.cms_chunk_sizes):
+        if size is None:
+            continue
+        spec[f"cms.{level}.gate"] = spec[f"cms.{level}.up"] = ((batch_size, inner, d), "float")
+        spec[f"cms.{level}.down"] = ((batch_size, d, inner), "float")
+        spec[f"cms.{level}.buffer"] = ((batch_size, size, d), "float")
+        spec[f"cms.{level}.num_updates"] = ((batch_size,), "long")
+    return spec
+
+
+def validate_state(tensors: Dict[str, torch.Tensor], config, seen_columns: int) -> List[str]:
+    """What is wrong with the tensors of a saved cache (`seen_tokens`, `layers.<i>.<name>`) for
+    `config`: missing, unexpected, misshapen or mistyped tensors, one message each."""
+    seen = tensors.get("seen_tokens")
+    if seen is None:
+        return ["missing tensor 'seen_tokens'"]
+    if seen.dim() != 1 or seen.dtype != torch.long:
+        return [f"'seen_tokens' must be a [batch] int64 tensor, got {tuple(seen.shape)} {seen.dtype}"]
+    expected = {"seen_tokens": ((seen.shape[0],), "long")}
+    for i in range(config.num_hidden_layers):
+        for name, spec in expected_layer_state(config, seen.shape[0], seen_columns).items():
+            expected[f"layers.{i}.{name}"] = spec
+    problems = [f"missing tensor {k!r}" for k in expected if k not in tensors]
+    problems += [f"unexpected tensor {k!r}" for k in tensors if k not in expected]
+    float_dtypes = set()
+    for key, (shape, kind) in expected.items():
+        tensor = tensors.get(key)
+        if tensor is None:
+            continue
+        if tuple(tensor.shape) != shape:
+            problems.append(f"{key!r} has shape {tuple(tensor.shape)}, expected {shape}")
+        if kind == "long" and tensor.dtype != torch.long or kind == "bool" and tensor.dtype != torch.bool:
+            problems.append(f"{key!r} has dtype {tensor.dtype}, expected {'torch.int64' if kind == 'long' else 'torch.bool'}")
+        if kind in ("float", "any-float") and not tensor.is_floating_point():
+            problems.append(f"{key!r} has dtype {tensor.dtype}, expected a floating-point dtype")
+        if kind == "float" and tensor.is_floating_point():
+            float_dtypes.add(tensor.dtype)
+    if len(float_dtypes) > 1:
+        problems.append(f"the state mixes dtypes {sorted(str(d) for d in float_dtypes)}; a cache holds one")
+    return problems
 
 
 class HopeCacheLayer:
@@ -138,18 +206,56 @@ class HopeCache(Cache):
         self.seen_tokens = None
         self.seen_columns = 0
 
+    # --- a forward's result --------------------------------------------------------------------
+    def commit(self, layer_states: List[Dict[str, torch.Tensor]], seen_tokens: torch.Tensor, seen_columns: int) -> None:
+        """Swap in the state a forward computed, all layers at once: a forward that fails part way
+        never reaches this, so the cache keeps the state from before that call."""
+        if len(layer_states) != len(self.layers):
+            raise ValueError(f"commit: got {len(layer_states)} layer states for {len(self.layers)} layers")
+        for layer, state in zip(self.layers, layer_states):
+            layer.state = state
+        self.seen_tokens = seen_tokens
+        self.seen_columns = seen_columns
+
     # --- validation -----------------------------------------------------------------------------
-    def check_compatible(self, config, batch_size: int) -> None:
-        """Raise ValueError if this cache was made for another config or batch size."""
+    @property
+    def state_dtype(self) -> Optional[torch.dtype]:
+        """The dtype of the fast weights (None before the first call, or with no fast weights)."""
+        for layer in self.layers:
+            for name, tensor in layer.state.items():
+                if _is_fast_weight(name):
+                    return tensor.dtype
+        return None
+
+    def check_compatible(self, config, batch_size: int, state_dtype: Optional[torch.dtype] = None) -> None:
+        """Raise ValueError if this cache was made for another config, batch size or state dtype."""
         signature = config.state_signature()
         if signature != self.signature:
             diff = signature_diff(self.signature, signature)
-            raise ValueError(f"past_key_values is a HopeCache made for another model config; differing fields "
+            raise ValueError(f"cache is a HopeCache made for another model config; differing fields "
                              f"(cache, model): {diff}")
         if self.seen_tokens is not None and self.seen_tokens.shape[0] != batch_size:
-            raise ValueError(f"past_key_values holds state for batch size {self.seen_tokens.shape[0]}, but the "
+            raise ValueError(f"cache holds state for batch size {self.seen_tokens.shape[0]}, but the "
                              f"input has batch size {batch_size}; use cache.batch_repeat_interleave or "
                              f"batch_select_indices to adapt it")
+        mine = self.state_dtype
+        if state_dtype is not None and mine is not None and mine != state_dtype:
+            raise ValueError(f"cache holds fast weights in {mine}, but the model keeps them in {state_dtype}; "
+                             f"load it with HopeCache.load(path, config, dtype={state_dtype}) or call "
+                             f"cache.to(dtype={state_dtype})")
+
+    def to(self, device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> "HopeCache":
+        """Move the state to `device` and/or convert its floating-point fast weights to `dtype`
+        (counters and masks keep theirs). In place; returns the cache."""
+        def convert(name: str, x: torch.Tensor) -> torch.Tensor:
+            target = dtype if dtype is not None and x.is_floating_point() and _is_fast_weight(name) else None
+            return x.to(device=device, dtype=target)
+
+        for layer in self.layers:
+            layer.state = {name: convert(name, x) for name, x in layer.state.items()}
+        if self.seen_tokens is not None:
+            self.seen_tokens = self.seen_tokens.to(device)
+        return self
 
     # --- keep a memory: save / load -------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -176,8 +282,12 @@ class HopeCache(Cache):
                 os.remove(tmp)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, config, device: str | torch.device | None = None) -> "HopeCache":
-        """Read a cache written by `save`, refusing one made for another config."""
+    def load(cls, path: str | os.PathLike, config, device: str | torch.device | None = None,
+             dtype: Optional[torch.dtype] = None) -> "HopeCache":
+        """Read a cache written by `save`, refusing one made for another config or one whose
+        tensors are missing, extra, or of the wrong shape or dtype for that config (the error
+        names them). `dtype` converts the fast weights (e.g. a float64 model's cache for a
+        float32 model)."""
         from safetensors import safe_open
 
         with safe_open(os.fspath(path), framework="pt", device=str(device or "cpu")) as f:
@@ -193,13 +303,15 @@ class HopeCache(Cache):
                 diff = signature_diff(saved, cache.signature)
                 raise ValueError(f"{path} holds a HopeCache for another config; differing fields (file, config): {diff}")
             cache.seen_columns = int(metadata["seen_columns"])
-            for key in f.keys():
-                if key == "seen_tokens":
-                    cache.seen_tokens = f.get_tensor(key)
-                    continue
-                _, index, name = key.split(".", 2)
-                cache.layers[int(index)].state[name] = f.get_tensor(key)
-        return cache
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        problems = validate_state(tensors, config, cache.seen_columns)
+        if problems:
+            raise ValueError(f"{path} is not a valid HopeCache for this config: " + "; ".join(problems))
+        cache.seen_tokens = tensors.pop("seen_tokens")
+        for key, tensor in tensors.items():
+            _, index, name = key.split(".", 2)
+            cache.layers[int(index)].state[name] = tensor
+        return cache.to(dtype=dtype) if dtype is not None else cache
 
     def __repr__(self) -> str:
         return f"HopeCache(batch_size={self.batch_size}, seen_columns={self.seen_columns}, layers={len(self.layers)})"

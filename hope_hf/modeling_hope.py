@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .cache_hope import HopeCache
 from .configuration_hope import SELF_MODIFYING_MEMORIES, HopeConfig
+from .hf_compat import CACHE_NAME, generation_cache, resolve_cache
 from .memory_hope import activation, l2norm
 from .ops_chunked import self_modifying_chunked, titans_chunked
 from .ops_cms import cms_chunked
@@ -65,6 +66,21 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Fast weights are kept in float32 (or float64) even when the parameters are half precision:
     thousands of small DGD steps would be rounded away in bf16."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def touch_parameters(x: torch.Tensor, parameters: Iterable[nn.Parameter]) -> torch.Tensor:
+    """`x` plus zero times every trainable one of `parameters`, when gradients are on.
+
+    Some parameters only shape the state a call writes (the projection memories before the first
+    chunk completes, a CMS level's value map before its first update), so a short call does not
+    reach them; DDP then stops with "Expected to have finished reduction". This gives every
+    parameter a gradient (zero where nothing read it) on any sequence length."""
+    if not torch.is_grad_enabled():
+        return x
+    firsts = [p.reshape(-1)[:1] for p in parameters if p.requires_grad and p.numel() > 0]
+    if not firsts:
+        return x
+    return x + 0.0 * torch.cat([f.to(x.dtype) for f in firsts]).sum()
 
 
 def _logit(p: float) -> float:
@@ -183,6 +199,11 @@ class HopeMemoryMixer(nn.Module):
                 state[f"mem.{name}.{w}"] = tensor
                 state[f"mem.{name}.{w}.start"] = start[name][w]
 
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """The dtype of the fast weights and of the scans' inputs (float32 for half-precision weights)."""
+        return state_dtype(self.o_proj.weight.dtype)
+
     def output(self, o: torch.Tensor) -> torch.Tensor:
         """o: [B, T, H, D] -> [B, T, d]."""
         return self.o_proj(self.o_norm(o).flatten(-2))
@@ -205,13 +226,14 @@ class SelfModifyingTitansMixer(HopeMemoryMixer):
     def forward(self, x: torch.Tensor, state: LayerState, mask: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         a, q = self.features(x, state, mask)
         start, current = self.load_memories(state, x.shape[0])
+        dtype = self.state_dtype  # the scans run in the state's dtype, whatever the weights' precision
         o, start, current = get_scans(self.config)[0](
-            self.split_heads(a), q, start, current, seen, mask,
-            self.eta_readout, self.eta_bias, self.alpha_readout, self.alpha_bias,
+            self.split_heads(a).to(dtype), q.to(dtype), start, current, seen, mask,
+            self.eta_readout.to(dtype), self.eta_bias.to(dtype), self.alpha_readout.to(dtype), self.alpha_bias.to(dtype),
             self.config.eta_max, self.config.chunk_size, self.config.memory_chunk_size, self.rule,
         )
         self.store_memories(state, start, current)
-        return self.output(o)
+        return self.output(o.to(a.dtype))
 
 
 class TitansMixer(HopeMemoryMixer):
@@ -232,10 +254,13 @@ class TitansMixer(HopeMemoryMixer):
         eta = self.config.eta_max * torch.sigmoid(self.eta_proj(a))
         alpha = torch.sigmoid(self.alpha_proj(a))
         start, current = self.load_memories(state, x.shape[0])
-        o, start, current = get_scans(self.config)[1](q, k, v, eta, alpha, start, current, seen, mask,
-                                        self.config.memory_chunk_size, self.rule)
+        dtype = self.state_dtype  # the scans run in the state's dtype, whatever the weights' precision
+        o, start, current = get_scans(self.config)[1](
+            q.to(dtype), k.to(dtype), v.to(dtype), eta.to(dtype), alpha.to(dtype), start, current, seen, mask,
+            self.config.memory_chunk_size, self.rule,
+        )
         self.store_memories(state, start, current)
-        return self.output(o)
+        return self.output(o.to(a.dtype))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -257,12 +282,17 @@ class AttentionMixer(nn.Module):
         self.k_proj = nn.Linear(d, d, bias=bias)
         self.v_proj = nn.Linear(d, d, bias=bias)
         self.o_proj = nn.Linear(d, d, bias=bias)
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """RoPE frequencies [D/2], computed on the fly: a buffer made in `__init__` is left
+        uninitialised by `from_pretrained`'s meta-device init (non-persistent buffers are not
+        loaded), and this costs D/2 values per call."""
+        dim = self.config.head_dim
+        return 1.0 / (self.config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
 
     def rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [B, H, T, D]; positions: [B, T]."""
-        freqs = positions.to(self.inv_freq.dtype)[..., None] * self.inv_freq  # [B, T, D/2]
+        freqs = positions.float()[..., None] * self.inv_freq(x.device)  # [B, T, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]
         return x * emb.cos().to(x.dtype) + rotate_half(x) * emb.sin().to(x.dtype)
 
@@ -314,15 +344,17 @@ class CMSLevel(nn.Module):
             return self.down_proj(F.silu(self.gate_proj(n)) * self.up_proj(n))
         batch = n.shape[0]
         params = {"gate": self.gate_proj.weight, "up": self.up_proj.weight, "down": self.down_proj.weight}
-        theta = {k: state.get(f"{prefix}.{k}", p.to(state_dtype(p.dtype)).unsqueeze(0).expand(batch, *p.shape))
+        dtype = state_dtype(self.gate_proj.weight.dtype)  # fast weights stay float32 for half-precision weights
+        theta = {k: state.get(f"{prefix}.{k}", p.to(dtype).unsqueeze(0).expand(batch, *p.shape))
                  for k, p in params.items()}
         buffer = state.get(f"{prefix}.buffer")  # [B, C, d]: the open chunk's inputs (None: empty)
         num_updates = state.get(f"{prefix}.num_updates", torch.zeros(batch, dtype=torch.long, device=n.device))
         y, theta, buffer, num_updates = get_scans(self.config)[2](
-            n, theta, buffer, num_updates, seen, mask, self.value_proj.weight,
-            F.softplus(self.eta_logit), torch.sigmoid(self.alpha_logit), self.chunk_size,
+            n.to(dtype), theta, buffer, num_updates, seen, mask, self.value_proj.weight.to(dtype),
+            F.softplus(self.eta_logit).to(dtype), torch.sigmoid(self.alpha_logit).to(dtype), self.chunk_size,
             self.config.in_context_updates,
         )
+        y = y.to(n.dtype)
         for k in params:
             state[f"{prefix}.{k}"] = theta[k]
         state[f"{prefix}.buffer"] = buffer
@@ -382,7 +414,7 @@ class HopePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["HopeBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _is_stateful = True
     _supports_sdpa = True
 
@@ -482,13 +514,19 @@ class HopeModel(HopePreTrainedModel):
         self,
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
-        past_key_values: Optional[HopeCache] = None,
+        cache: Optional[HopeCache] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        past_key_values: Optional[HopeCache] = None,
         **kwargs,
     ) -> Union[BaseModelOutputWithPast, Tuple]:
+        r"""input_ids: [B, T]; attention_mask: [B, T] or [B, past + T] (1 = real token);
+        cache: a `HopeCache` to continue from and update (`past_key_values=` is the same argument
+        under the name transformers <= 5.23 uses). The cache is updated only when every layer has
+        run: a call that fails leaves it as it was."""
+        cache = resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -508,42 +546,44 @@ class HopeModel(HopePreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if past_key_values is not None and not isinstance(past_key_values, HopeCache):
-            raise TypeError(f"past_key_values must be a HopeCache (HOPE carries fast-weight state, not KV pairs), "
-                            f"got {type(past_key_values).__name__}")
-        if use_cache and past_key_values is None:
-            past_key_values = HopeCache(self.config)
-        if past_key_values is not None:
-            past_key_values.check_compatible(self.config, batch)
-        past_columns = past_key_values.seen_columns if past_key_values is not None else 0
+        if cache is not None and not isinstance(cache, HopeCache):
+            raise TypeError(f"cache must be a HopeCache (HOPE carries fast-weight state, not KV pairs), "
+                            f"got {type(cache).__name__}")
+        if use_cache and cache is None:
+            cache = HopeCache(self.config)
+        if cache is not None:
+            cache.check_compatible(self.config, batch, self.state_dtype)
+        past_columns = cache.seen_columns if cache is not None else 0
         mask = self._token_mask(attention_mask, batch, length, past_columns, inputs_embeds.device)
-        if past_key_values is not None and past_key_values.seen_tokens is not None:
-            seen = past_key_values.seen_tokens.to(inputs_embeds.device)
+        if cache is not None and cache.seen_tokens is not None:
+            seen = cache.seen_tokens.to(inputs_embeds.device)
         else:
             seen = torch.zeros(batch, dtype=torch.long, device=inputs_embeds.device)
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
+        new_states = []
         for i, block in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            layer_state = past_key_values.layers[i].state if past_key_values is not None else {}
+            layer_state = cache.layers[i].state if cache is not None else {}
             hidden_states, new_state = block(hidden_states, layer_state, mask, seen)
-            if past_key_values is not None:
-                past_key_values.layers[i].state = new_state
-        hidden_states = self.norm(hidden_states)
+            new_states.append(new_state)
+        hidden_states = self.norm(touch_parameters(hidden_states, self.parameters()))
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        if past_key_values is not None:
-            past_key_values.seen_tokens = seen + mask.long().sum(1)
-            past_key_values.seen_columns = past_columns + length
+        if cache is not None:
+            cache.commit(new_states, seen + mask.long().sum(1), past_columns + length)
 
         output = BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
-            hidden_states=all_hidden_states,
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_NAME: cache if use_cache else None}
         )
         return output if return_dict else output.to_tuple()
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """The dtype of the fast-weight state (float32 for half-precision weights)."""
+        return state_dtype(self.embed_tokens.weight.dtype)
 
 
 class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
@@ -572,22 +612,32 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
         self,
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
-        past_key_values: Optional[HopeCache] = None,
+        cache: Optional[HopeCache] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
+        past_key_values: Optional[HopeCache] = None,
         **kwargs,
     ) -> Union[CausalLMOutputWithPast, Tuple]:
-        r"""labels: [B, T] token ids (or -100 to ignore); the model shifts them internally."""
+        r"""labels: [B, T] token ids (or -100 to ignore); the model shifts them internally.
+        cache: a `HopeCache` to continue from (`past_key_values=` is the same argument under the
+        name transformers <= 5.23 uses); the output carries it under the installed version's name."""
+        cache = resolve_cache(cache, past_key_values)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         kwargs.pop("output_attentions", None)  # HOPE's memories have no attention maps to return
+        if labels is not None:
+            reference = input_ids if input_ids is not None else inputs_embeds
+            if reference is not None and tuple(labels.shape) != tuple(reference.shape[:2]):
+                # Checked before the forward: a failed call must not have updated the cache.
+                raise ValueError(f"labels must be [batch, seq_len] = {list(reference.shape[:2])}, "
+                                 f"got shape {list(labels.shape)}")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -600,7 +650,7 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         output = CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_NAME: outputs.get(CACHE_NAME)}
         )
         return output if return_dict else output.to_tuple()
 
@@ -610,12 +660,12 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
         return False
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
-        user_cache = model_kwargs.get("past_key_values")
+        user_cache = generation_cache(model_kwargs)
         if user_cache is not None:
             if not isinstance(user_cache, HopeCache):
-                raise TypeError(f"past_key_values must be a HopeCache, got {type(user_cache).__name__}")
+                raise TypeError(f"{CACHE_NAME} must be a HopeCache, got {type(user_cache).__name__}")
             if generation_config.cache_implementation is not None:
-                raise ValueError("Pass either cache_implementation or past_key_values to generate(), not both")
+                raise ValueError(f"Pass either cache_implementation or {CACHE_NAME} to generate(), not both")
             user_cache._is_user_defined = True
             return
         if generation_config.cache_implementation is not None:
@@ -623,17 +673,16 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
                              f"{generation_config.cache_implementation!r} is not supported (leave it None)")
         if generation_config.use_cache is False:
             return
-        model_kwargs["past_key_values"] = HopeCache(self.config)
+        model_kwargs[CACHE_NAME] = HopeCache(self.config)
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
         # generate() expands inputs for beams / num_return_sequences but not a cache passed in by
         # the user: expand its per-sample state the same way.
-        cache = model_kwargs.get("past_key_values")
+        cache = generation_cache(model_kwargs)
         if expand_size > 1 and isinstance(cache, HopeCache) and cache.is_initialized:
             cache.batch_repeat_interleave(expand_size)
         return super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )
-
 
 __all__ = ["HopePreTrainedModel", "HopeModel", "HopeForCausalLM"]

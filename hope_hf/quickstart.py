@@ -114,6 +114,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, TextStreamer, set_seed
 
     from . import HopeConfig, HopeForCausalLM
+    from .hf_compat import output_cache
     from .data import load_shakespeare_text, split_text, train_bpe_tokenizer
     from .hub import save_checkpoint
     from .training import config_overrides, count_parameters, lm_datasets, matched_llama_config
@@ -157,8 +158,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     generated = reloaded.generate(**prompt, max_new_tokens=args.generate_tokens, do_sample=True, top_k=40,
                                   temperature=0.8, streamer=TextStreamer(tok), return_dict_in_generate=True,
                                   pad_token_id=tok.pad_token_id)
-    results["cms_update_counts"] = show_memories(generated.past_key_values, reloaded.config)
-    results["tokens_read"] = int(generated.past_key_values.seen_tokens[0])
+    results["cms_update_counts"] = show_memories(output_cache(generated), reloaded.config)
+    results["tokens_read"] = int(output_cache(generated).seen_tokens[0])
 
     if args.baseline:
         torch.manual_seed(args.seed)

@@ -92,6 +92,8 @@ def run_cell(cell: dict) -> dict:
     import torch
 
     row, task, size = cell["row"], cell["task"], cell["size"]
+    from hope_hf.hf_compat import CACHE_NAME, output_cache
+
     repeats = cell["repeats"]
     model = build_model(row, size)
     params = sum(p.numel() for p in model.parameters())
@@ -135,13 +137,13 @@ def run_cell(cell: dict) -> dict:
         ids = torch.randint(0, vocab, (1, context), generator=gen)
         steps = cell["decode_steps"]
         with torch.no_grad():
-            cache = model(input_ids=ids, use_cache=True).past_key_values
+            cache = output_cache(model(input_ids=ids, use_cache=True))
             token = ids[:, -1:]
             per_token = []
             for step in range(steps + 2):
                 start = time.perf_counter()
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(input_ids=token, **{CACHE_NAME: cache}, use_cache=True)
+                cache = output_cache(out)
                 token = out.logits[:, -1:].argmax(-1)
                 if step >= 2:  # two warm-up steps
                     per_token.append((time.perf_counter() - start) * 1e3)

@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from hope_hf.hf_compat import CACHE_NAME, output_cache
 from hope_hf.adapters import HopeAdapterConfig, apply_hope_adapter, freeze_base
 from hope_hf.adapters.class_incremental import (
     BOLT_DATASETS,
@@ -181,7 +182,7 @@ def run_prefix(model, ids: List[int], args) -> Prefix:
     with autocast(args):
         out = model(input_ids=x, attention_mask=mask, position_ids=positions(mask, x.shape[1]), use_cache=True,
                     logits_to_keep=1)
-    return Prefix(out.past_key_values, mask)
+    return Prefix(output_cache(out), mask)
 
 
 class LabelTrie:
@@ -223,8 +224,8 @@ def predict_labels(model, prompts: List[List[int]], trie: LabelTrie, pad_id: int
     while any(p is None for p in predictions):
         with autocast(args):
             out = model(input_ids=step_ids, attention_mask=full, position_ids=positions(full, step_ids.shape[1]),
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache, logits = out.past_key_values, out.logits[:, -1].float()
+                        **{CACHE_NAME: cache}, use_cache=True, logits_to_keep=1)
+        cache, logits = output_cache(out), out.logits[:, -1].float()
         next_ids = torch.full((batch, 1), pad_id, dtype=torch.long)
         next_mask = torch.zeros((batch, 1), dtype=torch.long)
         for i in range(batch):

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from hope_hf.hf_compat import CACHE_NAME, output_cache  # noqa: E402
 from hope_hf.experiments import plot_lines, write_table  # noqa: E402
 from hope_hf.training import (  # noqa: E402
     check_vocab,
@@ -65,8 +66,8 @@ def document_losses(model, ids: torch.Tensor, piece: int, bf16: bool) -> torch.T
     cache, logits = None, []
     for start in range(0, ids.numel(), piece):
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(input_ids=ids[None, start:start + piece], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+            out = model(input_ids=ids[None, start:start + piece], **{CACHE_NAME: cache}, use_cache=True)
+        cache = output_cache(out)
         logits.append(out.logits[0].float())
     return torch.nn.functional.cross_entropy(torch.cat(logits)[:-1], ids[1:], reduction="none")
 

@@ -24,6 +24,7 @@ from hope_hf.adapters import (
 from hope_hf.optim import MultiFrequency, build_multi_frequency_groups, hope_cms_periods
 
 from conftest import tiny_config
+from hope_hf.hf_compat import output_cache
 
 VOCAB = 53
 
@@ -120,16 +121,16 @@ def test_any_split_equals_one_pass(seed):
         pieces = list(zip([0] + cuts, cuts + [21])) + [(21, 21)]
         cache, logits = None, []
         for start, stop in pieces[:-1]:
-            out = model(ids[:, start:stop], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(ids[:, start:stop], cache=cache, use_cache=True)
+            cache = output_cache(out)
             logits.append(out.logits)
     assert (torch.cat(logits, dim=1) - full.logits).abs().max().item() < 1e-10
-    one, many = _hope_states(full.past_key_values), _hope_states(cache)
+    one, many = _hope_states(output_cache(full)), _hope_states(cache)
     assert one.keys() == many.keys() and all(one[i].keys() == many[i].keys() for i in one)
     for i in one:
         for key in one[i]:
             assert (one[i][key].double() - many[i][key].double()).abs().max().item() < 1e-10, key
-    assert torch.equal(full.past_key_values.seen_tokens, cache.seen_tokens)
+    assert torch.equal(output_cache(full).seen_tokens, cache.seen_tokens)
     assert cache.cms_update_counts(0)[0].tolist() == [10, 10]  # 21 tokens, chunks of 2
     assert cache.cms_update_counts(0)[2] is None  # the pretrained MLP is static here
 
@@ -145,13 +146,13 @@ def test_left_padding_equals_alone():
         alone = [model(x, use_cache=True) for x in (short, long)]
         # Continue both streams by 5 tokens with a mask over this call's tokens only.
         more = random_ids(22, 2, 5)
-        batch_next = model(more, attention_mask=torch.ones_like(more), past_key_values=batch.past_key_values)
-        alone_next = [model(more[i:i + 1], past_key_values=alone[i].past_key_values) for i in range(2)]
+        batch_next = model(more, attention_mask=torch.ones_like(more), cache=output_cache(batch))
+        alone_next = [model(more[i:i + 1], cache=output_cache(alone[i])) for i in range(2)]
     assert (batch.logits[0, 6:] - alone[0].logits[0]).abs().max().item() < 1e-10
     assert (batch.logits[1] - alone[1].logits[0]).abs().max().item() < 1e-10
     for i in range(2):
         assert (batch_next.logits[i] - alone_next[i].logits[0]).abs().max().item() < 1e-10
-    counts = batch.past_key_values.cms_update_counts(2)
+    counts = output_cache(batch).cms_update_counts(2)
     assert counts[0].tolist() == [9, 12]  # 13 + 5 and 19 + 5 real tokens, chunks of 2: padding is not counted
 
 
@@ -176,27 +177,27 @@ def test_generate_greedy_beam_and_continuation():
                                return_dict_in_generate=True)
         extra = random_ids(31, 2, 3)
         longer = torch.cat([first.sequences, extra], dim=1)
-        resumed = model.generate(longer, attention_mask=torch.ones_like(longer), past_key_values=first.past_key_values,
+        resumed = model.generate(longer, attention_mask=torch.ones_like(longer), cache=output_cache(first),
                                  max_new_tokens=4, do_sample=False)
         direct = model.generate(longer, attention_mask=torch.ones_like(longer), max_new_tokens=4, do_sample=False)
     assert torch.equal(resumed, direct)
     with pytest.raises(ValueError, match="cannot be cropped"):
-        first.past_key_values.crop(-1)
+        output_cache(first).crop(-1)
 
 
 def test_cache_batch_select_and_reorder_index_every_piece():
     model = adapted(seed=5, dtype=torch.float64)
     ids = random_ids(40, 3, 9)
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = output_cache(model(ids, use_cache=True))
         selected = copy.deepcopy(cache)
         selected.batch_select_indices(torch.tensor([2, 0]))
         reordered = copy.deepcopy(cache)
         reordered.reorder_cache(torch.tensor([2, 0, 1]))
         more = random_ids(41, 3, 4)
-        want = model(more, past_key_values=cache).logits
-        got_selected = model(more[[2, 0]], past_key_values=selected).logits
-        got_reordered = model(more[[2, 0, 1]], past_key_values=reordered).logits
+        want = model(more, cache=cache).logits
+        got_selected = model(more[[2, 0]], cache=selected).logits
+        got_reordered = model(more[[2, 0, 1]], cache=reordered).logits
     assert (want[[2, 0]] - got_selected).abs().max().item() < 1e-12
     assert (want[[2, 0, 1]] - got_reordered).abs().max().item() < 1e-12
 
@@ -392,6 +393,6 @@ def test_clear_errors():
     from transformers import DynamicCache
 
     with pytest.raises(TypeError, match="must be a HopeLlamaCache"):
-        model(random_ids(0, 1, 3), past_key_values=DynamicCache())
+        model(random_ids(0, 1, 3), cache=DynamicCache())
     with pytest.raises(ValueError, match="hope_context"):
         model.model(random_ids(0, 1, 3))  # the inner LlamaModel alone cannot carry the HOPE state

@@ -6,6 +6,7 @@ from transformers import DynamicCache
 
 from conftest import tiny_model
 from hope_hf import HopeConfig
+from hope_hf.hf_compat import output_cache
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -46,7 +47,7 @@ def test_input_errors():
     with pytest.raises(ValueError, match="NaN or inf"):
         model(inputs_embeds=bad)
     with pytest.raises(TypeError, match="HopeCache"):
-        model(x, past_key_values=DynamicCache())
+        model(x, cache=DynamicCache())
     with pytest.raises(ValueError, match="inputs_embeds must be"):
         model(inputs_embeds=torch.randn(2, 5, 8))
 
@@ -54,6 +55,6 @@ def test_input_errors():
 def test_cache_cannot_be_cropped():
     model = tiny_model()
     with torch.no_grad():
-        cache = model(torch.randint(3, 61, (1, 4)), use_cache=True).past_key_values
+        cache = output_cache(model(torch.randint(3, 61, (1, 4)), use_cache=True))
     with pytest.raises(ValueError, match="cannot be cropped"):
         cache.crop(1)

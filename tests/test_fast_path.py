@@ -17,6 +17,7 @@ from hope_hf.ops_reference import cms_scan, self_modifying_scan, titans_scan
 from hope_hf.memory_hope import memory_gradients
 
 from test_streaming import flat_state, run_split
+from hope_hf.hf_compat import output_cache
 
 
 def random_config(draw_seed: int, **overrides):
@@ -208,7 +209,7 @@ def test_bf16_autocast_training_keeps_float32_state():
         out = model(ids, use_cache=True)
         generated = model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False)
     assert generated.shape == (1, 11)
-    for layer in out.past_key_values.layers:
+    for layer in output_cache(out).layers:
         for name, tensor in layer.state.items():
             if tensor.is_floating_point() and name not in ("conv",):
                 assert tensor.dtype == torch.float32, name
@@ -232,8 +233,8 @@ def test_gradients_through_a_cache_equal_reference(cuts):
             total, cache = 0.0, None
             bounds = [0, *cuts, ids.shape[1]]
             for a, b in zip(bounds[:-1], bounds[1:]):
-                out = model(ids[:, a:b], labels=ids[:, a:b], past_key_values=cache, use_cache=True)
-                total, cache = total + out.loss, out.past_key_values
+                out = model(ids[:, a:b], labels=ids[:, a:b], cache=cache, use_cache=True)
+                total, cache = total + out.loss, output_cache(out)
         total.backward()
         grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     for name, g in grads["reference"].items():
@@ -306,11 +307,11 @@ def test_cms_levels_stay_finite_on_long_inputs_with_large_rates():
     with torch.no_grad():
         out = model(ids, use_cache=True)
     assert bool(torch.isfinite(out.logits).all())
-    for layer in out.past_key_values.layers:
+    for layer in output_cache(out).layers:
         for name, tensor in layer.state.items():
             if tensor.is_floating_point():
                 assert bool(torch.isfinite(tensor).all()), name
-    assert int(out.past_key_values.cms_update_counts(0)[0][0]) == 75
+    assert int(output_cache(out).cms_update_counts(0)[0][0]) == 75
 
 
 @pytest.mark.parametrize("length", [16, 13])
@@ -325,7 +326,7 @@ def test_cms_training_path_frees_its_outputs(length):
     gc.disable()
     try:
         out = model(ids, labels=ids, use_cache=True)
-        weight = weakref.ref(out.past_key_values.layers[0].state["cms.0.gate"])
+        weight = weakref.ref(output_cache(out).layers[0].state["cms.0.gate"])
         out.loss.backward()
         del out
         assert weight() is None

@@ -5,6 +5,7 @@ import torch
 
 from conftest import tiny_model
 from hope_hf import HopeCache
+from hope_hf.hf_compat import output_cache
 
 
 @pytest.fixture(params=["self_modifying", "titans", "attention"])
@@ -48,11 +49,11 @@ def test_beam_search_cache_equals_no_cache(model):
 def test_continue_from_returned_cache(model):
     ids = prompt(batch=1, seed=3)
     first = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
-    cache = first.past_key_values
+    cache = output_cache(first)
     assert isinstance(cache, HopeCache)
     follow = prompt(batch=1, length=4, seed=4)
     joined = torch.cat([first.sequences, follow], dim=1)
-    continued = model.generate(joined, past_key_values=cache, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    continued = model.generate(joined, cache=cache, max_new_tokens=6, do_sample=False, pad_token_id=0)
     fresh = model.generate(joined, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(continued, fresh)
 
@@ -60,10 +61,10 @@ def test_continue_from_returned_cache(model):
 def test_continue_from_cache_with_beams(model):
     ids = prompt(batch=1, seed=5)
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = output_cache(model(ids, use_cache=True))
     follow = torch.cat([ids, prompt(batch=1, length=3, seed=6)], dim=1)
     kw = dict(num_beams=3, do_sample=False, max_new_tokens=4, pad_token_id=0)
-    assert torch.equal(model.generate(follow, past_key_values=cache, **kw), model.generate(follow, **kw))
+    assert torch.equal(model.generate(follow, cache=cache, **kw), model.generate(follow, **kw))
 
 
 def test_left_padded_batch_equals_alone(model):

@@ -7,6 +7,7 @@ from conftest import tiny_config, tiny_model
 from hope_hf import HopeForCausalLM
 from hope_hf.memory_hope import memory_gradients, memory_read
 from hope_hf.ops_reference import swiglu, swiglu_gradients
+from hope_hf.hf_compat import output_cache
 
 
 def ids(seed=0, length=16, batch=2):
@@ -64,11 +65,11 @@ def test_cms_fast_weights_change_only_after_chunk_and_counters_advance():
     x = ids(seed=5, length=3, batch=1)
     level0 = model.model.layers[0].cms.levels[0]
     with torch.no_grad():
-        cache = model(x, use_cache=True).past_key_values
+        cache = output_cache(model(x, use_cache=True))
         state = cache.layers[0].state
         assert torch.equal(state["cms.0.gate"][0], level0.gate_proj.weight)  # 3 tokens < C=4: untouched
         assert cache.cms_update_counts(0)[0].tolist() == [0]
-        model(ids(seed=6, length=10, batch=1), past_key_values=cache)  # 13 tokens in all
+        model(ids(seed=6, length=10, batch=1), cache=cache)  # 13 tokens in all
     state = cache.layers[0].state
     assert not torch.allclose(state["cms.0.gate"][0], level0.gate_proj.weight)
     counts = cache.cms_update_counts(0)

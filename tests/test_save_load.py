@@ -7,6 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from _scripts import run_without_hope_hf
 from conftest import tiny_config, tiny_model
 from hope_hf import HopeCache, HopeConfig, HopeForCausalLM
+from hope_hf.hf_compat import output_cache
 
 
 def ids(seed=0, length=12, batch=2):
@@ -84,29 +85,29 @@ def test_cache_save_load_continues_exactly(tmp_path):
     question = ids(seed=6, length=7, batch=1)
     with torch.no_grad():
         whole = model(torch.cat([document, question], 1)).logits[:, 20:]
-        cache = model(document, use_cache=True).past_key_values
+        cache = output_cache(model(document, use_cache=True))
     cache.save(tmp_path / "memory.safetensors")
     model.save_pretrained(tmp_path / "model")
     del model, cache  # "restart": only the two folders survive
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float64).eval()
     cache = HopeCache.load(tmp_path / "memory.safetensors", model.config)
     with torch.no_grad():
-        continued = model(question, past_key_values=cache).logits
+        continued = model(question, cache=cache).logits
     torch.testing.assert_close(continued, whole, atol=1e-12, rtol=0)
 
 
 def test_cache_refused_for_other_config(tmp_path):
     model = tiny_model(seed=4)
     with torch.no_grad():
-        cache = model(ids(), use_cache=True).past_key_values
+        cache = output_cache(model(ids(), use_cache=True))
     cache.save(tmp_path / "m.safetensors")
     other = tiny_config(memory_type="linear")
     with pytest.raises(ValueError, match="memory_type"):
         HopeCache.load(tmp_path / "m.safetensors", other)
     with pytest.raises(ValueError, match="another model config"):
-        tiny_model(seed=0, memory_type="linear")(ids(), past_key_values=cache)
+        tiny_model(seed=0, memory_type="linear")(ids(), cache=cache)
     with pytest.raises(ValueError, match="batch size"):
-        model(ids(batch=3), past_key_values=cache)
+        model(ids(batch=3), cache=cache)
 
 
 def test_cache_batch_operations_are_per_sample():
@@ -114,19 +115,19 @@ def test_cache_batch_operations_are_per_sample():
     x = ids(seed=10, length=11, batch=3)
     follow = ids(seed=11, length=4, batch=3)
     with torch.no_grad():
-        cache = model(x, use_cache=True).past_key_values
-        expected = model(follow, past_key_values=cache).logits
+        cache = output_cache(model(x, use_cache=True))
+        expected = model(follow, cache=cache).logits
         # select samples 2 and 0 from a fresh cache: each continues as it would in the full batch
-        cache = model(x, use_cache=True).past_key_values
+        cache = output_cache(model(x, use_cache=True))
         cache.batch_select_indices(torch.tensor([2, 0]))
         assert cache.batch_size == 2
-        got = model(follow[[2, 0]], past_key_values=cache).logits
+        got = model(follow[[2, 0]], cache=cache).logits
         torch.testing.assert_close(got, expected[[2, 0]], atol=1e-12, rtol=0)
         # repeat_interleave then reorder: sample order follows the index
-        cache = model(x[:1], use_cache=True).past_key_values
+        cache = output_cache(model(x[:1], use_cache=True))
         cache.batch_repeat_interleave(2)
         cache.reorder_cache(torch.tensor([1, 0]))
-        got = model(follow[[0, 0]], past_key_values=cache).logits
+        got = model(follow[[0, 0]], cache=cache).logits
         torch.testing.assert_close(got, expected[[0, 0]], atol=1e-12, rtol=0)
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.batch_size == -1 and not cache.layers[0].state

@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import MIXERS, MEMORY_TYPES, tiny_model
+from hope_hf.hf_compat import output_cache
 
 
 def run_split(model, ids, cuts, mask=None):
@@ -11,8 +12,8 @@ def run_split(model, ids, cuts, mask=None):
     bounds = [0, *cuts, ids.shape[1]]
     for a, b in zip(bounds[:-1], bounds[1:]):
         am = None if mask is None else mask[:, :b]
-        out = model(ids[:, a:b], attention_mask=am, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(ids[:, a:b], attention_mask=am, cache=cache, use_cache=True)
+        cache = output_cache(out)
         logits.append(out.logits)
     return torch.cat(logits, dim=1), cache
 

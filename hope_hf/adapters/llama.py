@@ -44,12 +44,14 @@ from transformers.utils.generic import can_return_tuple
 
 from ..cache_hope import HopeCacheLayer, signature_diff
 from ..configuration_hope import MEMORY_TYPES, HopeConfig
+from ..hf_compat import CACHE_NAME, generation_cache, resolve_cache
 from ..modeling_hope import (
     CMSLevel,
     ContinuumMemorySystem,
     HopeModel,
     HopePreTrainedModel,
     SelfModifyingTitansMixer,
+    touch_parameters,
 )
 
 LayerState = Dict[str, torch.Tensor]
@@ -313,13 +315,16 @@ class HopeLlamaDecoderLayer(LlamaDecoderLayer):
         hidden_states: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values=None,
+        cache=None,
         use_cache: Optional[bool] = False,
         position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
         hope_context: Optional[HopeLlamaContext] = None,
+        past_key_values=None,
         **kwargs,
     ) -> torch.Tensor:
-        """hidden_states: [B, T, d] -> [B, T, d]."""
+        """hidden_states: [B, T, d] -> [B, T, d]. `cache` is Llama's attention cache (transformers
+        <= 5.23 passes it as `past_key_values`)."""
+        cache = resolve_cache(cache, past_key_values)
         if hope_context is None:
             raise ValueError("HopeLlamaDecoderLayer needs the hope_context that HopeLlamaForCausalLM.forward passes: "
                              "call the adapted model (not its inner LlamaModel)")
@@ -327,8 +332,8 @@ class HopeLlamaDecoderLayer(LlamaDecoderLayer):
         state = dict(hope_context.states_in.get(self.layer_idx, {}))
         x = self.input_layernorm(hidden_states)
         mixed, _ = self.self_attn(
-            hidden_states=x, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-            use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
+            hidden_states=x, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+            position_embeddings=position_embeddings, **{CACHE_NAME: cache}, **kwargs,
         )
         if self.hope_mixer is not None:
             mixed = mixed + self.hope_gate * self.hope_mixer(x, state, mask, seen)
@@ -336,7 +341,8 @@ class HopeLlamaDecoderLayer(LlamaDecoderLayer):
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), state,
                                                  self._mlp_prefix, mask, seen)
         hope_context.states_out[self.layer_idx] = state
-        return hidden_states
+        # Every adapter parameter gets a gradient on any length (DDP needs it; see touch_parameters).
+        return touch_parameters(hidden_states, (p for _, p in self.adapter_named_parameters()))
 
 
 # --- the combined cache -------------------------------------------------------------------------
@@ -396,6 +402,18 @@ class HopeLlamaCache(DynamicCache):
         self.seen_tokens = None
         self.token_mask = None
 
+    def attention_snapshot(self) -> List[Dict[str, Any]]:
+        """What each attention layer holds now. Its tensors are replaced, never written in place,
+        by an update, so keeping the references is enough to restore them."""
+        return [dict(vars(layer)) for layer in self.layers]
+
+    def restore_attention(self, snapshot: List[Dict[str, Any]]) -> None:
+        """Put back what `attention_snapshot` saw (layers created since are dropped)."""
+        del self.layers[len(snapshot):]
+        for layer, saved in zip(self.layers, snapshot):
+            vars(layer).clear()
+            vars(layer).update(saved)
+
     def hope_state(self, layer_idx: int) -> LayerState:
         """The HOPE state of one adapted layer (a dict of batch-first tensors)."""
         if layer_idx not in self.hope_layers:
@@ -413,10 +431,10 @@ class HopeLlamaCache(DynamicCache):
         """Raise ValueError if this cache was made for another model or batch size."""
         expected = _state_signature(model)
         if expected != self.signature:
-            raise ValueError(f"past_key_values is a HopeLlamaCache made for another adapted model; differing fields "
+            raise ValueError(f"cache is a HopeLlamaCache made for another adapted model; differing fields "
                              f"(cache, model): {signature_diff(self.signature, expected)}")
         if self.seen_tokens is not None and self.seen_tokens.shape[0] != batch_size:
-            raise ValueError(f"past_key_values holds state for batch size {self.seen_tokens.shape[0]}, but the input "
+            raise ValueError(f"cache holds state for batch size {self.seen_tokens.shape[0]}, but the input "
                              f"has batch size {batch_size}; use cache.batch_repeat_interleave or batch_select_indices")
 
     def __repr__(self) -> str:
@@ -459,24 +477,27 @@ class HopeLlamaForCausalLM(LlamaForCausalLM):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[HopeLlamaCache] = None,
+        cache: Optional[HopeLlamaCache] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
+        past_key_values: Optional[HopeLlamaCache] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""As `LlamaForCausalLM.forward`. `attention_mask` may cover this call's tokens or past + this
-        call's tokens; `position_ids` default to the count of real tokens before each token, per sample."""
+        call's tokens; `position_ids` default to the count of real tokens before each token, per sample.
+        `cache` (or `past_key_values`, its name in transformers <= 5.23) is updated only if the whole
+        call succeeds."""
+        cache = resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds")
         reference = input_ids if input_ids is not None else inputs_embeds
         batch, length = reference.shape[:2]
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        cache = past_key_values
         if cache is not None and not isinstance(cache, HopeLlamaCache):
-            raise TypeError(f"past_key_values must be a HopeLlamaCache (attention KV pairs plus the HOPE state), "
+            raise TypeError(f"cache must be a HopeLlamaCache (attention KV pairs plus the HOPE state), "
                             f"got {type(cache).__name__}")
         if cache is None and use_cache:
             cache = HopeLlamaCache(self)
@@ -497,25 +518,34 @@ class HopeLlamaForCausalLM(LlamaForCausalLM):
             position_ids = (seen[:, None] + mask.long().cumsum(1) - 1).clamp(min=0)
         states_in = {i: layer.state for i, layer in cache.hope_layers.items()} if cache is not None else {}
         context = HopeLlamaContext(mask=mask, seen=seen, states_in=states_in)
-        outputs = super().forward(
-            input_ids=input_ids,
-            attention_mask=None if bool(full_mask.all()) else full_mask.long(),
-            position_ids=position_ids,
-            past_key_values=cache,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            use_cache=cache is not None,
-            logits_to_keep=logits_to_keep,
-            hope_context=context,
-            return_dict=True,
-            **kwargs,
-        )
+        # Llama's layers append to the attention cache as they run: keep what it held, to put back
+        # if the call fails part way (the HOPE state is only swapped in at the end).
+        attention_snapshot = cache.attention_snapshot() if cache is not None else None
+        try:
+            outputs = super().forward(
+                input_ids=input_ids,
+                attention_mask=None if bool(full_mask.all()) else full_mask.long(),
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=cache is not None,
+                logits_to_keep=logits_to_keep,
+                hope_context=context,
+                return_dict=True,
+                **{CACHE_NAME: cache},
+                **kwargs,
+            )
+        except BaseException:
+            if cache is not None:
+                cache.restore_attention(attention_snapshot)
+            raise
         if cache is not None:
             for i, state in context.states_out.items():
                 cache.hope_layers[i].state = state
             cache.seen_tokens = seen + mask.long().sum(1)
             cache.token_mask = full_mask
-        outputs.past_key_values = cache
+        if cache is not None:
+            outputs[CACHE_NAME] = cache
         return outputs
 
     # --- generate() integration (HF-NOTES.md) --------------------------------------------------
@@ -526,23 +556,23 @@ class HopeLlamaForCausalLM(LlamaForCausalLM):
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
     ) -> None:
-        user_cache = model_kwargs.get("past_key_values")
+        user_cache = generation_cache(model_kwargs)
         if user_cache is not None:
             if not isinstance(user_cache, HopeLlamaCache):
-                raise TypeError(f"past_key_values must be a HopeLlamaCache, got {type(user_cache).__name__}")
+                raise TypeError(f"{CACHE_NAME} must be a HopeLlamaCache, got {type(user_cache).__name__}")
         if generation_config.cache_implementation is not None:
             raise ValueError(f"A Hope-adapted model carries its own HopeLlamaCache; cache_implementation="
                              f"{generation_config.cache_implementation!r} is not supported (leave it None)")
         if user_cache is not None:
             user_cache._is_user_defined = True
         elif generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = HopeLlamaCache(self)
+            model_kwargs[CACHE_NAME] = HopeLlamaCache(self)
 
     def _expand_inputs_for_generation(
         self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs
     ):
         # generate() expands the inputs for beams / num_return_sequences, not a cache passed in.
-        cache = model_kwargs.get("past_key_values")
+        cache = generation_cache(model_kwargs)
         if expand_size > 1 and isinstance(cache, HopeLlamaCache) and cache.seen_tokens is not None:
             cache.batch_repeat_interleave(expand_size)
         return super()._expand_inputs_for_generation(
