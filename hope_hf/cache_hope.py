@@ -32,9 +32,14 @@ def signature_diff(cached: dict, expected: dict) -> dict:
     return {k: (cached.get(k), v) for k, v in expected.items() if cached.get(k) != v}
 
 
-def _is_fast_weight(name: str) -> bool:
-    """Memory states and CMS fast weights (not counters, buffers, conv tails or KV pairs)."""
-    return name.startswith("mem.") or (name.startswith("cms.") and name.rsplit(".", 1)[-1] in ("gate", "up", "down"))
+# State tensors that hold projections' outputs, in the compute dtype (bf16 under autocast).
+COMPUTE_DTYPE_STATE = ("keys", "values", "conv")
+
+
+def _in_state_dtype(name: str, tensor: torch.Tensor) -> bool:
+    """Whether a state tensor is kept in the state dtype: every floating-point tensor but the
+    projections' outputs (attention KV pairs, the conv tail), which are in the compute dtype."""
+    return tensor.is_floating_point() and name not in COMPUTE_DTYPE_STATE
 
 
 def expected_layer_state(config, batch_size: int, seen_columns: int) -> Dict[str, tuple]:
@@ -46,7 +51,7 @@ def expected_layer_state(config, batch_size: int, seen_columns: int) -> Dict[str
         spec["keys"] = spec["values"] = ((batch_size, heads, seen_columns, dim), "any-float")
         spec["key_mask"] = ((batch_size, seen_columns), "bool")
     else:
-        spec["conv"] = ((batch_size, config.conv_window - 1, d), "float")
+        spec["conv"] = ((batch_size, config.conv_window - 1, d), "any-float")
         names = ("mem",) if config.mixer == "titans" else SELF_MODIFYING_MEMORIES
         if config.memory_type == "deep":
             weights = {"W1": (heads, dim, config.memory_dim), "W2": (heads, config.memory_dim, dim)}
@@ -220,10 +225,11 @@ class HopeCache(Cache):
     # --- validation -----------------------------------------------------------------------------
     @property
     def state_dtype(self) -> Optional[torch.dtype]:
-        """The dtype of the fast weights (None before the first call, or with no fast weights)."""
+        """The dtype of the fast weights and chunk buffers (None before the first call or for an
+        attention-only model)."""
         for layer in self.layers:
             for name, tensor in layer.state.items():
-                if _is_fast_weight(name):
+                if _in_state_dtype(name, tensor):
                     return tensor.dtype
         return None
 
@@ -245,11 +251,10 @@ class HopeCache(Cache):
                              f"cache.to(dtype={state_dtype})")
 
     def to(self, device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> "HopeCache":
-        """Move the state to `device` and/or convert its floating-point fast weights to `dtype`
+        """Move the state to `device` and/or convert its floating-point tensors to `dtype`
         (counters and masks keep theirs). In place; returns the cache."""
         def convert(name: str, x: torch.Tensor) -> torch.Tensor:
-            target = dtype if dtype is not None and x.is_floating_point() and _is_fast_weight(name) else None
-            return x.to(device=device, dtype=target)
+            return x.to(device=device, dtype=dtype if dtype is not None and x.is_floating_point() else None)
 
         for layer in self.layers:
             layer.state = {name: convert(name, x) for name, x in layer.state.items()}

@@ -176,9 +176,12 @@ class HopeMemoryMixer(nn.Module):
         tail = state.get("conv")
         if tail is None:
             tail = x.new_zeros(x.shape[0], self.config.conv_window - 1, x.shape[-1])
-        a, state["conv"] = self.conv(self.in_proj(x), tail, mask)
+        projected = self.in_proj(x)
+        # The tail is in the compute dtype of the call that wrote it (bf16 under autocast).
+        a, state["conv"] = self.conv(projected, tail.to(projected.dtype), mask)
         a = activation(self.config.memory_activation, a)
-        q = l2norm(self.split_heads(self.q_proj(a)), self.config.norm_eps)
+        # Normalised in the state's dtype: a half-precision sum of squares underflows in the backward.
+        q = l2norm(self.split_heads(self.q_proj(a)).to(self.state_dtype), self.config.norm_eps)
         return a, q
 
     def load_memories(self, state: LayerState, batch_size: int):
@@ -249,7 +252,7 @@ class TitansMixer(HopeMemoryMixer):
 
     def forward(self, x: torch.Tensor, state: LayerState, mask: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         a, q = self.features(x, state, mask)
-        k = l2norm(self.split_heads(self.k_proj(a)), self.config.norm_eps)
+        k = l2norm(self.split_heads(self.k_proj(a)).to(self.state_dtype), self.config.norm_eps)
         v = self.split_heads(self.v_proj(a))
         eta = self.config.eta_max * torch.sigmoid(self.eta_proj(a))
         alpha = torch.sigmoid(self.alpha_proj(a))
@@ -305,9 +308,9 @@ class AttentionMixer(nn.Module):
         v = self.v_proj(x).view(shape).transpose(1, 2)
         positions = (seen[:, None] + mask.long().cumsum(1) - 1).clamp(min=0)
         q, k = self.rope(q, positions), self.rope(k, positions)
-        if "keys" in state:
-            k = torch.cat([state["keys"], k], dim=2)
-            v = torch.cat([state["values"], v], dim=2)
+        if "keys" in state:  # stored in the compute dtype of the call that wrote them
+            k = torch.cat([state["keys"].to(k.dtype), k], dim=2)
+            v = torch.cat([state["values"].to(v.dtype), v], dim=2)
             key_mask = torch.cat([state["key_mask"], mask], dim=1)
         else:
             key_mask = mask
