@@ -28,19 +28,23 @@ def ids(seed=0, length=12, batch=2, vocab=61):
 
 
 # --- from_pretrained: every parameter and buffer, every config --------------------------------------
+def _save_with_remote_code(model: HopeForCausalLM, folder) -> None:
+    """save_pretrained with the modelling code copied in (loads with trust_remote_code, no hope_hf)."""
+    HopeConfig.register_for_auto_class()
+    HopeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    try:
+        model.save_pretrained(folder)
+    finally:
+        HopeConfig._auto_class = HopeForCausalLM._auto_class = None
+
+
 def test_save_load_every_tensor_and_buffer_for_every_config(tmp_path):
     x = ids(seed=5, length=17)
     probes = {}
     for i, (mixer, memory, variant) in enumerate(GRID):
         model = tiny_model(seed=i, dtype=torch.float64, mixer=mixer, memory_type=memory, cms_variant=variant)
         folder = tmp_path / f"{mixer}-{memory}-{variant}"
-        if i == 0:  # one folder also goes through trust_remote_code below
-            HopeConfig.register_for_auto_class()
-            HopeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-        try:
-            model.save_pretrained(folder)
-        finally:
-            HopeConfig._auto_class = HopeForCausalLM._auto_class = None
+        _save_with_remote_code(model, folder)
         loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
         for name, tensor in model.state_dict().items():
             assert torch.equal(tensor, loaded.state_dict()[name]), (folder.name, name)
@@ -52,34 +56,23 @@ def test_save_load_every_tensor_and_buffer_for_every_config(tmp_path):
             expected, got = model(x).logits, loaded(x).logits
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-12, msg=folder.name)
         probes[folder.name] = expected
-    # Hope-Attention through trust_remote_code, in a fresh process without hope_hf: RoPE must not
-    # depend on a buffer that meta-device init leaves uninitialised.
-    remote = tmp_path / f"{GRID[0][0]}-{GRID[0][1]}-{GRID[0][2]}"
-    attention = tmp_path / "attention-remote"
-    model = tiny_model(seed=11, dtype=torch.float64, mixer="attention")
-    HopeConfig.register_for_auto_class()
-    HopeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-    try:
-        model.save_pretrained(attention)
-    finally:
-        HopeConfig._auto_class = HopeForCausalLM._auto_class = None
-    with torch.no_grad():
-        probes["attention-remote"] = model(x).logits
+    # The same folders through trust_remote_code, in a fresh process without hope_hf (Hope-Attention's
+    # RoPE must not depend on a buffer that meta-device init leaves uninitialised).
     torch.save({"x": x, "probes": probes}, tmp_path / "probe.pt")
     result = run_without_hope_hf(f"""
         import torch
         from transformers import AutoModelForCausalLM
         probe = torch.load({str(tmp_path / "probe.pt")!r})
-        for folder in ({str(remote)!r}, {str(attention)!r}):
+        for name, expected in probe["probes"].items():
+            folder = {str(tmp_path)!r} + "/" + name
             model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float64).eval()
             with torch.no_grad():
-                out = model(probe["x"]).logits
-            name = folder.rsplit("/", 1)[-1]
-            assert (out - probe["probes"][name]).abs().max() <= 1e-12, (name, (out - probe["probes"][name]).abs().max())
+                error = (model(probe["x"]).logits - expected).abs().max()
+            assert error <= 1e-12, (name, error)
         assert "hope_hf" not in sys.modules
-        print("REMOTE_OK")
+        print("REMOTE_OK", len(probe["probes"]))
     """, tmp_path)
-    assert "REMOTE_OK" in result.stdout, result.stdout + result.stderr
+    assert f"REMOTE_OK {len(GRID)}" in result.stdout, result.stdout + result.stderr
 
 
 # --- DDP: every parameter gets a gradient on any length ---------------------------------------------
