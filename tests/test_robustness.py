@@ -153,6 +153,21 @@ def test_half_precision_weights_run_with_float32_state(mixer, dtype):
     assert all(torch.isfinite(p.grad).all() for p in half.parameters() if p.grad is not None)
 
 
+def test_adapter_on_a_bf16_llama_runs_and_trains():
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=53, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2)).to(torch.bfloat16)
+    model = apply_hope_adapter(llama, HopeAdapterConfig(layers=[0, 2], cms_chunk_sizes=[2, 4], chunk_size=2,
+                                                        memory_chunk_size=4, mlp_chunk_size=8))
+    x = ids(seed=1, length=12, vocab=53)
+    with torch.no_grad():
+        out = model.eval()(x, use_cache=True)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+    assert output_cache(out).hope_state(0)["cms.0.gate"].dtype == torch.float32
+    model.train()(x, labels=x).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_from_pretrained_bf16_generates(tmp_path):
     tiny_model(seed=5).save_pretrained(tmp_path)
     model = HopeForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
