@@ -1,0 +1,32 @@
+"""Checkpoints and a cache file saved by hope-hf 0.1.0 (tests/fixtures/checkpoints_v0.1.0, float64)
+load and give the logits they gave when they were saved: changes to the code, the defaults or the
+layout must not change what an existing checkpoint computes."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from hope_hf import HopeCache
+
+FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints_v0.1.0"
+PROBES = load_file(str(FIXTURES / "probes.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["self_modifying-deep", "titans-linear", "attention-deep"])
+def test_saved_checkpoint_gives_its_saved_logits(name):
+    model = AutoModelForCausalLM.from_pretrained(FIXTURES / name, dtype=torch.float64).eval()
+    with torch.no_grad():
+        logits = model(PROBES["input_ids"]).logits
+    torch.testing.assert_close(logits, PROBES[f"{name}.logits"], rtol=0, atol=1e-12)
+
+
+def test_saved_cache_continues_as_it_did():
+    name = "self_modifying-deep"
+    model = AutoModelForCausalLM.from_pretrained(FIXTURES / name, dtype=torch.float64).eval()
+    cache = HopeCache.load(FIXTURES / name / "cache.safetensors", model.config)
+    with torch.no_grad():
+        logits = model(PROBES["follow_ids"], cache=cache).logits
+    torch.testing.assert_close(logits, PROBES[f"{name}.follow_logits"], rtol=0, atol=1e-12)
