@@ -782,16 +782,18 @@ def parse_tuned_on(value: Optional[str]) -> Optional[str]:
     return value
 
 
-def hyperparameter_record(args, defaults: dict) -> Tuple[Dict[str, dict], List[str]]:
-    """Each hyperparameter's value and where it was chosen, and the warnings of this run.
+def hyperparameter_record(args, defaults: dict) -> Tuple[Dict[str, dict], Dict[str, List[str]]]:
+    """Each hyperparameter's value and where it was chosen, and this run's warnings per method spec.
 
     On a test split, a value away from its default without `--tuned-on` is refused (that is how
-    tuning on a test split would look); a default still marked NOT TUNED, used by a method of the
-    run, gives a warning (also stored in the results and flagged in the table)."""
-    used = {h for spec in args.methods for h in METHOD_HYPERPARAMETERS[parse_method(spec)[0]]}
-    record, warnings = {}, []
+    tuning on a test split would look). Warned about (printed, stored, the rows flagged in the
+    tables): a default still marked NOT TUNED used by a method on a test split; values chosen
+    somewhere other than clinc:dev; a tuning run (dev split) on another dataset than CLINC."""
+    record = {}
+    flags: Dict[str, List[str]] = {spec: [] for spec in args.methods}
     for name, provenance in HYPERPARAMETER_PROVENANCE.items():
         value = getattr(args, name)
+        users = [spec for spec in args.methods if name in METHOD_HYPERPARAMETERS[parse_method(spec)[0]]]
         if value != defaults[name]:
             if args.eval_split == "dev":
                 provenance = f"being tuned: this run evaluates on {args.dataset}:dev"
@@ -801,10 +803,17 @@ def hyperparameter_record(args, defaults: dict) -> Tuple[Dict[str, dict], List[s
                                  f"split is not allowed)")
             else:
                 provenance = f"{args.tuned_on} (--tuned-on)"
-        record[name] = {"value": value, "tuned_on": provenance, "used": name in used}
-        if args.eval_split == "test" and name in used and provenance.startswith("NOT TUNED"):
-            warnings.append(f"{name}={value} is not tuned")
-    return record, warnings
+                if args.tuned_on != "clinc:dev":
+                    for spec in users:
+                        flags[spec].append(f"{name}={value} chosen on {args.tuned_on}, not on clinc:dev")
+        record[name] = {"value": value, "tuned_on": provenance, "used": bool(users)}
+        if args.eval_split == "test" and provenance.startswith("NOT TUNED"):
+            for spec in users:
+                flags[spec].append(f"{name}={value} is not tuned")
+    if args.eval_split == "dev" and args.dataset != "clinc":
+        for spec in args.methods:
+            flags[spec].append(f"tuning run on {args.dataset}:dev (the protocol tunes on clinc:dev only)")
+    return record, flags
 
 
 def parse_args(argv=None):
@@ -872,13 +881,14 @@ def parse_args(argv=None):
     for spec in args.methods:
         parse_method(spec)
     defaults = {name: parser.get_default(name) for name in HYPERPARAMETER_PROVENANCE}
-    args.hyperparameters, args.warnings = hyperparameter_record(args, defaults)
+    args.hyperparameters, args.flags = hyperparameter_record(args, defaults)
+    args.warnings = sorted({f for spec_flags in args.flags.values() for f in spec_flags})
     return args
 
 
 def comparable_settings(settings: dict) -> dict:
     """The settings two runs must share for one to resume the other."""
-    skip = {"out", "methods", "seed", "seeds", "resume", "threads", "torch_threads", "classes", "warnings",
+    skip = {"out", "methods", "seed", "seeds", "resume", "threads", "torch_threads", "classes", "warnings", "flags",
             "merge", "bootstrap", "confidence", "purpose", "seed_list",
             "hyperparameters"}  # hyperparameter values are compared as their own keys
     return {k: v for k, v in settings.items() if k not in skip}
@@ -893,7 +903,7 @@ def main(argv=None) -> None:
               f"results_per_seed.csv, results.md, accuracy.png")
         return
     for warning in args.warnings:
-        print(f"WARNING: {warning} (defaults marked NOT TUNED in HYPERPARAMETER_PROVENANCE; choose them on clinc:dev)")
+        print(f"WARNING: {warning} (see HYPERPARAMETER_PROVENANCE; the protocol tunes on clinc:dev only)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not os.path.isdir(args.model):
@@ -924,7 +934,7 @@ def main(argv=None) -> None:
     def save(plot: bool = False) -> None:
         results = [summarize(rs, args.bootstrap, args.confidence) for rs in records.values() if rs]
         for r in results:
-            r["flags"] = list(args.warnings) if parse_method(r["method"])[0] == "inca" else []
+            r["flags"] = list(args.flags.get(r["method"], []))
         write_outputs(folder, settings, results, plot)
 
     for seed in seeds:

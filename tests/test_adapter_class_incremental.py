@@ -369,8 +369,12 @@ def test_tuning_provenance_refuses_tuning_on_a_test_split():
     dev = ci.parse_args(["--lr", "1e-3", "--eval-split", "dev", "--methods", "finetune"])
     assert dev.hyperparameters["lr"]["tuned_on"].startswith("being tuned")
     inca = ci.parse_args(["--methods", "icl,inca"])  # InCA's defaults are not tuned yet: said loudly
-    assert any("inca_top_k" in w for w in inca.warnings)
+    assert any("inca_top_k" in w for w in inca.warnings) and inca.flags["icl"] == []
+    assert any("inca_top_k" in f for f in inca.flags["inca"])
     assert not ci.parse_args(["--methods", "icl,inca", "--eval-split", "dev"]).warnings
+    banking = ci.parse_args(["--methods", "finetune", "--lr", "1e-3", "--tuned-on", "banking:dev"])
+    assert banking.flags["finetune"] == ["lr=0.001 chosen on banking:dev, not on clinc:dev"]
+    assert "clinc:dev only" in ci.parse_args(["--methods", "icl", "--eval-split", "dev", "--dataset", "banking"]).warnings[0]
     with pytest.raises(SystemExit, match="no noctx form"):
         ci.parse_args(["--methods", "inca@noctx"])
 
@@ -417,6 +421,8 @@ def test_whole_script_on_a_tiny_model_and_dataset(tmp_path, capsys):
     csv_rows = (tmp_path / "a" / "toy" / "results.csv").read_text().splitlines()
     assert "seconds_per_seed" in csv_rows[0] and "average_accuracy_low" in csv_rows[0] and len(csv_rows) == 8
     assert (tmp_path / "a" / "toy" / "accuracy.png").stat().st_size > 0
+    table = (tmp_path / "a" / "toy" / "results.md").read_text()
+    assert "| inca (!) |" in table and "| icl |" in table and "inca_layer=-1 is not tuned" in table
     # --resume with 2 seeds: only seed 1 runs; its classes are drawn anew.
     ci.main(common + ["--methods", "icl,inca", "--seeds", "2", "--out", str(tmp_path / "a"), "--resume"])
     out = capsys.readouterr().out
