@@ -570,8 +570,11 @@ def run_method(spec: str, stream: Stream, pretrained, pad_id: int, args) -> dict
         if result.candidate_recall is not None:
             recall.append(result.candidate_recall)
         progress.set_postfix(seen_acc=f"{result.seen:.3f}", loss=f"{losses[-1]:.3f}" if losses else "-")
+    # correct[i][j]: the outcomes of task j's test examples after task i as a string of 0 / 1 (compact
+    # in results.json; what --merge and --resume bootstrap from).
     record = {"method": spec, "seed": args.seed, "with_context": with_context, "trainable_parameters": trainable,
-              "accuracy": accuracy, "seen_accuracy": seen_accuracy, "correct": outcomes, "train_loss": losses,
+              "accuracy": accuracy, "seen_accuracy": seen_accuracy, "correct": [["".join(map(str, o)) for o in row] for row in outcomes],
+              "train_loss": losses,
               "seconds": time.time() - start, "train_seconds": train_seconds, "eval_seconds": eval_seconds}
     if recall:
         record["candidate_recall"] = recall  # per step: share of test examples whose class is a candidate

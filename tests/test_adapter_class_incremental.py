@@ -120,7 +120,7 @@ def test_script_pipeline_on_a_tiny_llama():
         assert len(result["accuracy"]) == 2 and all(0.0 <= a <= 1.0 for row in result["accuracy"] for a in row)
         assert (result["trainable_parameters"] == 0) == (spec == "icl")
         # The per-example outcomes give back the accuracies; the seconds split into train and eval.
-        assert [[sum(o) / len(o) for o in row] for row in result["correct"]] == result["accuracy"]
+        assert [[o.count("1") / len(o) for o in row] for row in result["correct"]] == result["accuracy"]
         assert result["seconds"] >= result["train_seconds"] + result["eval_seconds"] - 1e-6
     # Batched, left-padded answers after a shared prefix equal the answers of each prompt alone.
     model, _, _ = ci.build_method("hope", pretrained, args)
@@ -215,6 +215,10 @@ def test_bootstrap_means_are_the_seed_means_and_seeds_widen_the_interval():
     assert width(result) > 2 * width(bootstrap_intervals([r["correct"] for r in same], num_resamples=1000))
     with pytest.raises(ValueError, match=r"correct\[1\] must hold 2 tasks"):
         bootstrap_intervals([[[[1]], [[1]]]])
+    as_text = [[["".join(map(str, o)) for o in row] for row in r["correct"]] for r in records]  # as in results.json
+    assert bootstrap_intervals(as_text, num_resamples=1000) == result
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        bootstrap_intervals([[[[1, 2]]]])
     with pytest.raises(ValueError, match="same number of tasks"):
         bootstrap_intervals([[[[1]]], [[[1]], [[1], [0]]]])
 

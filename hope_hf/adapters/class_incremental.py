@@ -214,8 +214,9 @@ def bootstrap_intervals(runs: SequenceType, num_resamples: int = 2000, confidenc
     """Mean and bootstrap interval of the continual metrics over seeds and test examples.
 
     Args:
-        runs: one entry per seed: `correct[i][j]` = the outcomes (1 correct, 0 wrong) of the test
-            examples of task `j` after learning task `i` (`j <= i`, the same examples at every step).
+        runs: one entry per seed: `correct[i][j]` = the outcomes (1 correct, 0 wrong; a sequence
+            of ints or a string of '0' / '1') of the test examples of task `j` after learning task
+            `i` (`j <= i`, the same examples at every step).
         num_resamples: bootstrap replicates. Each replicate draws the seeds with replacement and, for
             every drawn seed, an independent resample of each task's test examples (the same
             resampled examples at every step, so forgetting compares like with like).
@@ -246,6 +247,8 @@ def bootstrap_intervals(runs: SequenceType, num_resamples: int = 2000, confidenc
             for j, values in enumerate(row):
                 outcomes[i, offsets[j]:offsets[j] + sizes[j]] = torch.tensor([float(v) for v in values],
                                                                                 dtype=torch.float64)
+        if not ((outcomes == 0) | (outcomes == 1)).all():
+            raise ValueError("outcomes must be 0 or 1 (or the characters '0' / '1')")
         # Task accuracies: the point estimate, then per replicate from resampled examples.
         point = torch.stack([outcomes[:, o:o + n].mean(-1) for o, n in zip(offsets, sizes)], -1)  # [i, j]
         per_seed_point.append(_metrics_from_task_accuracy(point, sizes))
