@@ -573,8 +573,8 @@ def run_method(spec: str, stream: Stream, pretrained, pad_id: int, args) -> dict
     # correct[i][j]: the outcomes of task j's test examples after task i as a string of 0 / 1 (compact
     # in results.json; what --merge and --resume bootstrap from).
     record = {"method": spec, "seed": args.seed, "with_context": with_context, "trainable_parameters": trainable,
-              "accuracy": accuracy, "seen_accuracy": seen_accuracy, "correct": [["".join(map(str, o)) for o in row] for row in outcomes],
-              "train_loss": losses,
+              "accuracy": accuracy, "seen_accuracy": seen_accuracy,
+              "correct": [["".join(map(str, o)) for o in row] for row in outcomes], "train_loss": losses,
               "seconds": time.time() - start, "train_seconds": train_seconds, "eval_seconds": eval_seconds}
     if recall:
         record["candidate_recall"] = recall  # per step: share of test examples whose class is a candidate
@@ -692,7 +692,8 @@ def plot_results(path: str, settings: dict, results: List[dict]) -> None:
     for r in results:
         seen = r["seen_accuracy"]
         tasks = range(1, len(seen["mean"]) + 1)
-        errors = [[m - lo for m, lo in zip(seen["mean"], seen["low"])], [hi - m for m, hi in zip(seen["mean"], seen["high"])]]
+        errors = [[m - lo for m, lo in zip(seen["mean"], seen["low"])],
+                  [hi - m for m, hi in zip(seen["mean"], seen["high"])]]
         ax.errorbar(tasks, seen["mean"], yerr=errors, marker="o", capsize=2,
                     label=f"{r['method']} (avg {r['average_accuracy']:.2f})")
     ax.set_xlabel("tasks learned")
@@ -902,8 +903,8 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     if args.merge:
-        print(f"wrote {merge_results(args.merge, args.out, args.bootstrap, args.confidence)}/results.json, results.csv, "
-              f"results_per_seed.csv, results.md, accuracy.png")
+        folder = merge_results(args.merge, args.out, args.bootstrap, args.confidence)
+        print(f"wrote {folder}/results.json, results.csv, results_per_seed.csv, results.md, accuracy.png")
         return
     for warning in args.warnings:
         print(f"WARNING: {warning} (see HYPERPARAMETER_PROVENANCE; the protocol tunes on clinc:dev only)")

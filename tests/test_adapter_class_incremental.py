@@ -172,7 +172,8 @@ def test_merge_pools_seeds_labels_methods_and_refuses_other_datasets(tmp_path):
         ci.merge_results([str(tmp_path / "missing.json")], str(tmp_path / "m3"))
     with pytest.raises(SystemExit, match="seed 0 appears twice"):
         ci.merge_results([files[0], files[0]], str(tmp_path / "m4"))
-    ci.write_outputs(str(tmp_path / "d"), {**settings("clinc"), "test_per_class": 4}, [ci.summarize([_seed_record("icl", 5, 0.5)], 200)])
+    ci.write_outputs(str(tmp_path / "d"), {**settings("clinc"), "test_per_class": 4},
+                     [ci.summarize([_seed_record("icl", 5, 0.5)], 200)])
     with pytest.raises(SystemExit, match="another protocol"):
         ci.merge_results([files[0], str(tmp_path / "d" / "results.json")], str(tmp_path / "m5"))
     legacy = tmp_path / "legacy.json"  # the issue-6 format: no per-seed outcomes
@@ -273,10 +274,12 @@ def test_inca_prompt_holds_only_the_candidates_demonstrations(monkeypatch):
     tasks = [["a", "b"], ["c", "d"]]
     candidates = {"a": [5], "b": [5, 6], "c": [7, 8, 9], "d": [10]}
     rng = random.Random(0)
-    test = [[ci.Example([rng.randrange(11, 40) for _ in range(4)], c) for c in task for _ in range(2)] for task in tasks]
+    test = [[ci.Example([rng.randrange(11, 40) for _ in range(4)], c) for c in task for _ in range(2)]
+            for task in tasks]
     stream = ci.Stream(tasks=tasks, train=[[], []], test=test, demos={c: [50 + k] for k, c in enumerate("abcd")},
                        candidates=candidates, separator=[3])
-    args = ci.parse_args(["--methods", "inca", "--inca-top-k", "2", "--tuned-on", "clinc:dev", "--eval-batch-size", "3"])
+    args = ci.parse_args(["--methods", "inca", "--inca-top-k", "2", "--tuned-on", "clinc:dev",
+                          "--eval-batch-size", "3"])
     inca = ci.InCA(None, stream, 0, args)
     centres = {c: torch.eye(4)[k] * 10 for k, c in enumerate("abcd")}
     for c in "abcd":  # class statistics and test embeddings set by hand: the query of class X is near X
@@ -378,7 +381,8 @@ def test_tuning_provenance_refuses_tuning_on_a_test_split():
     assert not ci.parse_args(["--methods", "icl,inca", "--eval-split", "dev"]).warnings
     banking = ci.parse_args(["--methods", "finetune", "--lr", "1e-3", "--tuned-on", "banking:dev"])
     assert banking.flags["finetune"] == ["lr=0.001 chosen on banking:dev, not on clinc:dev"]
-    assert "clinc:dev only" in ci.parse_args(["--methods", "icl", "--eval-split", "dev", "--dataset", "banking"]).warnings[0]
+    banking_dev = ci.parse_args(["--methods", "icl", "--eval-split", "dev", "--dataset", "banking"])
+    assert "clinc:dev only" in banking_dev.warnings[0]
     with pytest.raises(SystemExit, match="no noctx form"):
         ci.parse_args(["--methods", "inca@noctx"])
 
