@@ -768,6 +768,10 @@ def merge_results(sources: Sequence[str], out: str, num_resamples: int = 2000, c
     for name, seed_records in records.items():
         results.append(summarize(seed_records, num_resamples, confidence))
         results[-1]["flags"] = flags.get(name, [])
+    versions = sorted({str(run["settings"].get("code_version")) for run in runs})
+    if len(versions) > 1:
+        print(f"WARNING: --merge: the runs come from different code versions {versions}; check that the "
+              f"methods did not change in between")
     settings = {**runs[0]["settings"], "merged_from": runs}
     folder = os.path.join(out, dataset)
     write_outputs(folder, settings, results)
@@ -890,10 +894,25 @@ def parse_args(argv=None):
     return args
 
 
+def code_version() -> str:
+    """The repository's commit (`+dirty` with uncommitted changes), or "unknown" outside git."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def comparable_settings(settings: dict) -> dict:
     """The settings two runs must share for one to resume the other."""
     skip = {"out", "methods", "seed", "seeds", "resume", "threads", "torch_threads", "classes", "warnings", "flags",
-            "merge", "bootstrap", "confidence", "purpose", "seed_list",
+            "merge", "bootstrap", "confidence", "purpose", "seed_list", "code_version",
             "hyperparameters"}  # hyperparameter values are compared as their own keys
     return {k: v for k, v in settings.items() if k not in skip}
 
@@ -917,7 +936,7 @@ def main(argv=None) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seeds = run_seeds(args)
     settings = {k: v for k, v in vars(args).items()}
-    settings.update(torch_threads=torch.get_num_threads(), seed_list=seeds, classes={},
+    settings.update(torch_threads=torch.get_num_threads(), seed_list=seeds, classes={}, code_version=code_version(),
                     purpose="tuning" if args.eval_split == "dev" else "evaluation",
                     test_examples=args.num_tasks * args.classes_per_task * args.test_per_class,
                     train_examples=args.num_tasks * args.classes_per_task * args.train_per_class)
@@ -930,6 +949,9 @@ def main(argv=None) -> None:
             old, new = comparable_settings(previous["settings"]), comparable_settings(settings)
             differ = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
             raise SystemExit(f"--resume: {folder}/results.json ran other settings: {differ}")
+        if previous["settings"].get("code_version") != settings["code_version"]:
+            print(f"WARNING: resuming cells of code version {previous['settings'].get('code_version')} with "
+                  f"{settings['code_version']}: check that the methods did not change in between")
         settings["classes"].update(previous["settings"].get("classes", {}))
         for r in previous["results"]:
             records.setdefault(r["method"], []).extend(r["per_seed"])

@@ -426,6 +426,7 @@ def test_whole_script_on_a_tiny_model_and_dataset(tmp_path, capsys):
     inca = payload["results"][1]
     assert inca["trainable_parameters"] == 0 and len(inca["per_seed"][0]["candidate_recall"]) == 2
     assert payload["settings"]["purpose"] == "evaluation" and payload["settings"]["tuned_on"] == "clinc:dev"
+    assert payload["settings"]["code_version"] == ci.code_version() != ""
     csv_rows = (tmp_path / "a" / "toy" / "results.csv").read_text().splitlines()
     assert "seconds_per_seed" in csv_rows[0] and "average_accuracy_low" in csv_rows[0] and len(csv_rows) == 8
     assert (tmp_path / "a" / "toy" / "accuracy.png").stat().st_size > 0
