@@ -34,7 +34,9 @@ Classes are drawn among those with more than `--train-per-class` training and at
 `--test-per-class` test examples, so every run has `num_tasks x classes_per_task x test_per_class`
 test examples (default 10 x 3 x 12 = 360). Each metric is reported as the mean over seeds with a 95%
 bootstrap interval over seeds and test examples (`bootstrap_intervals`); in the tables a row is
-bold (a "win") only where its interval separates from every other row's (`separated_best`).
+bold (a "win") only where its interval separates from every other row's (`separated_best`). The
+tables also give `--reference` (default `hope`) minus every other row, with a paired bootstrap
+interval over the seeds both ran (`paired_difference`).
 
 Training examples are packed `--pack-size` at a time into one sequence in the demonstrations'
 format (one optimizer step per pack, loss on the label tokens), so the in-context memories train
@@ -90,6 +92,7 @@ from hope_hf.adapters.class_incremental import (
     ClassStatistics,
     bootstrap_intervals,
     continual_metrics,
+    paired_difference,
     label_text,
     load_bolt_dataset,
     load_tsv,
@@ -617,6 +620,27 @@ def mark_wins(results: List[dict]) -> None:
             results[best]["wins"].append(metric)
 
 
+def compare_to_reference(results: List[dict], reference: Optional[str], num_resamples: int = 2000,
+                         confidence: float = 0.95) -> None:
+    """`row["versus_reference"]` for every row other than the reference: the paired difference
+    `reference - row` of each metric over the seeds both ran (same seed = same test examples), with
+    its bootstrap interval. Nothing when no row is named `reference`."""
+    ref = next((r for r in results if r["method"] == reference), None)
+    for r in results:
+        r.pop("versus_reference", None)
+        if ref is None or r is ref:
+            continue
+        common = sorted(set(ref["seeds"]) & set(r["seeds"]))
+        if not common:
+            continue
+        pick = lambda row: [next(s for s in row["per_seed"] if s["seed"] == k)["correct"] for k in common]  # noqa: E731
+        try:
+            differences = paired_difference(pick(ref), pick(r), num_resamples, confidence)
+        except ValueError:  # another protocol: not comparable example by example
+            continue
+        r["versus_reference"] = {"reference": reference, "seeds": common, **differences}
+
+
 # --- outputs --------------------------------------------------------------------------------------
 SHORT = {"average_accuracy": "average", "final_accuracy": "final", "forgetting": "forgetting"}
 
@@ -640,6 +664,21 @@ def markdown_table(settings: dict, results: List[dict]) -> str:
     flagged = [r for r in results if r.get("flags")]
     for r in flagged:
         lines.append(f"(!) {r['method']}: {'; '.join(r['flags'])}")
+    compared = [r for r in results if r.get("versus_reference")]
+    if compared:
+        reference = compared[0]["versus_reference"]["reference"]
+        lines += ["", f"Paired differences, {reference} minus each row, over the seeds both ran (the same test "
+                      f"examples): mean [{level}% paired bootstrap interval]; * where the interval excludes 0 "
+                      f"(positive = {reference} higher; for forgetting, positive = {reference} forgets more).", "",
+                  f"| {reference} minus | seeds | average | final | forgetting |", "|---" * 5 + "|"]
+        for r in compared:
+            versus = r["versus_reference"]
+            cells = []
+            for metric in METRICS:
+                d = versus[metric]
+                star = " *" if d["low"] > 0 or d["high"] < 0 else ""
+                cells.append(f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{star}")
+            lines.append(f"| {r['method']} | {len(versus['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -658,15 +697,23 @@ def write_outputs(folder: str, settings: dict, results: List[dict], plot: bool =
         header = ["dataset", "method", "with_context", "seeds"]
         for metric in METRICS:
             header += [metric, f"{metric}_low", f"{metric}_high"]
-        writer.writerow(header + ["wins", "trainable_parameters", "seconds_per_seed", "train_seconds_per_seed",
-                                  "eval_seconds_per_seed", "seconds_total", "flags"])
+        header += ["wins", "trainable_parameters", "seconds_per_seed", "train_seconds_per_seed",
+                   "eval_seconds_per_seed", "seconds_total", "flags", "reference"]
+        for metric in METRICS:  # the reference row minus this row, paired over the seeds both ran
+            header += [f"reference_minus_{metric}", f"reference_minus_{metric}_low", f"reference_minus_{metric}_high"]
+        writer.writerow(header)
         for r in results:
             row = [settings["dataset"], r["method"], r["with_context"], " ".join(map(str, r["seeds"]))]
             for metric in METRICS:
                 row += [f"{r[metric]:.4f}", *(f"{v:.4f}" for v in r[f"{metric}_interval"])]
-            writer.writerow(row + [" ".join(r["wins"]), r["trainable_parameters"], f"{r['seconds_per_seed']:.0f}",
-                                   f"{r['train_seconds_per_seed']:.0f}", f"{r['eval_seconds_per_seed']:.0f}",
-                                   f"{r['seconds']:.0f}", "; ".join(r.get("flags", []))])
+            row += [" ".join(r["wins"]), r["trainable_parameters"], f"{r['seconds_per_seed']:.0f}",
+                    f"{r['train_seconds_per_seed']:.0f}", f"{r['eval_seconds_per_seed']:.0f}", f"{r['seconds']:.0f}",
+                    "; ".join(r.get("flags", []))]
+            versus = r.get("versus_reference")
+            row.append(versus["reference"] if versus else "")
+            for metric in METRICS:
+                row += [f"{versus[metric][k]:.4f}" for k in ("mean", "low", "high")] if versus else ["", "", ""]
+            writer.writerow(row)
     with open(os.path.join(folder, "results_per_seed.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["dataset", "method", "seed", *METRICS, "seconds", "train_seconds", "eval_seconds"])
@@ -732,7 +779,8 @@ def load_results(path: str) -> dict:
     return payload
 
 
-def merge_results(sources: Sequence[str], out: str, num_resamples: int = 2000, confidence: float = 0.95) -> str:
+def merge_results(sources: Sequence[str], out: str, num_resamples: int = 2000, confidence: float = 0.95,
+                  reference: Optional[str] = "hope") -> str:
     """Merge the `results.json` of several runs on one dataset into `out/<dataset>/` (tables and PNG).
 
     sources: `path/results.json` or `path/results.json:LABEL`; a label is appended to the method
@@ -768,6 +816,7 @@ def merge_results(sources: Sequence[str], out: str, num_resamples: int = 2000, c
     for name, seed_records in records.items():
         results.append(summarize(seed_records, num_resamples, confidence))
         results[-1]["flags"] = flags.get(name, [])
+    compare_to_reference(results, reference, num_resamples, confidence)
     versions = sorted({str(run["settings"].get("code_version")) for run in runs})
     if len(versions) > 1:
         print(f"WARNING: --merge: the runs come from different code versions {versions}; check that the "
@@ -871,6 +920,8 @@ def parse_args(argv=None):
                         help="seeds per cell: --seed, --seed+1, ... (each its own class draw, order and examples)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates of the intervals")
     parser.add_argument("--confidence", type=float, default=0.95, help="coverage of the intervals")
+    parser.add_argument("--reference", default="hope",
+                        help="the row the tables compare every other row with (paired differences over shared seeds)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the (method, seed) cells already in <out>/<dataset>/results.json (same settings) "
                              "and run only the missing ones")
@@ -922,7 +973,7 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     if args.merge:
-        folder = merge_results(args.merge, args.out, args.bootstrap, args.confidence)
+        folder = merge_results(args.merge, args.out, args.bootstrap, args.confidence, args.reference)
         print(f"wrote {folder}/results.json, results.csv, results_per_seed.csv, results.md, accuracy.png")
         return
     for warning in args.warnings:
@@ -961,6 +1012,7 @@ def main(argv=None) -> None:
         results = [summarize(rs, args.bootstrap, args.confidence) for rs in records.values() if rs]
         for r in results:
             r["flags"] = list(args.flags.get(r["method"], []))
+        compare_to_reference(results, args.reference, args.bootstrap, args.confidence)
         write_outputs(folder, settings, results, plot)
 
     for seed in seeds:
@@ -983,6 +1035,11 @@ def main(argv=None) -> None:
                               for m in METRICS)
         print(f"{args.dataset} {r['method']} ({len(r['seeds'])} seeds): {intervals}  "
               f"{r['seconds_per_seed']:.0f}s per seed{'  wins: ' + ','.join(r['wins']) if r['wins'] else ''}")
+        if r.get("versus_reference"):
+            versus = r["versus_reference"]
+            print(f"    {versus['reference']} minus {r['method']}: " + "  ".join(
+                f"{SHORT[m]} {versus[m]['mean']:+.3f} [{versus[m]['low']:+.3f}, {versus[m]['high']:+.3f}]"
+                for m in METRICS))
     print(f"wrote {folder}/results.json, results.csv, results_per_seed.csv, results.md, accuracy.png")
 
 

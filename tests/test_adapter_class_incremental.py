@@ -9,6 +9,7 @@ from hope_hf.adapters.class_incremental import (
     ClassStatistics,
     bootstrap_intervals,
     continual_metrics,
+    paired_difference,
     label_text,
     load_bolt_dataset,
     separated_best,
@@ -224,6 +225,29 @@ def test_bootstrap_means_are_the_seed_means_and_seeds_widen_the_interval():
         bootstrap_intervals([[[[1]]], [[[1]], [[1], [0]]]])
 
 
+def test_paired_difference_cancels_what_two_methods_share():
+    rng = random.Random(3)
+    base = [_seed_record("a", seed, 0.6, tasks=3, per_task=40, rng=rng) for seed in range(3)]
+    same = paired_difference([r["correct"] for r in base], [r["correct"] for r in base], num_resamples=500)
+    assert all(same[m] == {"mean": 0.0, "low": 0.0, "high": 0.0} for m in same)
+    # b: a with ~8% of its wrong answers (the same examples at every step) turned right.
+    better = []
+    for r in base:
+        fixed = [[[1 if (o == 0 and (j * 41 + e) % 5 == 0) else o for e, o in enumerate(outcomes)]
+                  for j, outcomes in enumerate(row)] for row in r["correct"]]
+        better.append(fixed)
+    diff = paired_difference(better, [r["correct"] for r in base], num_resamples=1000)
+    alone_a = bootstrap_intervals([r["correct"] for r in base], num_resamples=1000)["final_accuracy"]
+    alone_b = bootstrap_intervals(better, num_resamples=1000)["final_accuracy"]
+    assert diff["final_accuracy"]["low"] > 0  # paired: the gain is resolved ...
+    assert alone_b["low"] < alone_a["high"]  # ... where the separate intervals still overlap
+    assert diff["final_accuracy"]["mean"] == pytest.approx(alone_b["mean"] - alone_a["mean"])
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_difference([r["correct"] for r in base], [r["correct"] for r in base[:2]])
+    with pytest.raises(ValueError, match="different test examples"):
+        paired_difference([[[[1, 0]]]], [[[[1, 0, 1]]]])
+
+
 def test_a_method_wins_only_where_its_interval_separates():
     assert separated_best([(0.8, 0.75, 0.85), (0.6, 0.55, 0.65), (0.7, 0.66, 0.74)]) == 0
     assert separated_best([(0.8, 0.70, 0.85), (0.6, 0.55, 0.65), (0.7, 0.66, 0.74)]) is None  # overlaps 0.7's
@@ -432,6 +456,11 @@ def test_whole_script_on_a_tiny_model_and_dataset(tmp_path, capsys):
     assert (tmp_path / "a" / "toy" / "accuracy.png").stat().st_size > 0
     table = (tmp_path / "a" / "toy" / "results.md").read_text()
     assert "| inca (!) |" in table and "| icl |" in table and "inca_layer=-1 is not tuned" in table
+    assert "Paired differences, hope minus each row" in table and "| hope minus |" in table
+    versus = {r["method"]: r.get("versus_reference") for r in payload["results"]}
+    assert versus["hope"] is None and versus["icl"]["reference"] == "hope" and versus["icl"]["seeds"] == [0]
+    assert versus["icl"]["average_accuracy"]["mean"] == pytest.approx(
+        payload["results"][4]["average_accuracy"] - payload["results"][0]["average_accuracy"])
     # --resume with 2 seeds: only seed 1 runs; its classes are drawn anew.
     ci.main(common + ["--methods", "icl,inca", "--seeds", "2", "--out", str(tmp_path / "a"), "--resume"])
     out = capsys.readouterr().out

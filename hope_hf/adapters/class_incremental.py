@@ -17,7 +17,8 @@ examples of task `j` after learning task `i` (`j <= i`, predictions among all cl
 Uncertainty (`bootstrap_intervals`): a run is repeated over seeds (each seed its own class draw,
 class order and example draw); an interval resamples the seeds and, within each, the test examples
 of every task (stratified by task, the same resampled examples at every step), and reads the
-percentiles of the seed-mean metric. `separated_best` applies the rule "a method wins only where
+percentiles of the seed-mean metric; `paired_difference` does the same for the difference between
+two methods run on the same seeds and examples. `separated_best` applies the rule "a method wins only where
 its interval separates from every other method's".
 
 InCA (Momeni et al. 2024, in-context continual learning assisted by an external continual
@@ -52,6 +53,7 @@ __all__ = [
     "continual_metrics",
     "METRICS",
     "bootstrap_intervals",
+    "paired_difference",
     "separated_best",
     "ClassStatistics",
 ]
@@ -209,28 +211,12 @@ def _quantiles(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return take(lower) * (1 - weight) + take(upper) * weight
 
 
-def bootstrap_intervals(runs: SequenceType, num_resamples: int = 2000, confidence: float = 0.95,
-                        seed: int = 0) -> Dict[str, Dict[str, object]]:
-    """Mean and bootstrap interval of the continual metrics over seeds and test examples.
-
-    Args:
-        runs: one entry per seed: `correct[i][j]` = the outcomes (1 correct, 0 wrong; a sequence
-            of ints or a string of '0' / '1') of the test examples of task `j` after learning task
-            `i` (`j <= i`, the same examples at every step).
-        num_resamples: bootstrap replicates. Each replicate draws the seeds with replacement and, for
-            every drawn seed, an independent resample of each task's test examples (the same
-            resampled examples at every step, so forgetting compares like with like).
-        confidence: the interval's coverage (bias-corrected percentile interval).
-        seed: of the resampling generator (the intervals are reproducible).
-
-    Returns:
-        `{metric: {"mean", "low", "high"}}` for `average_accuracy`, `final_accuracy`, `forgetting`
-        (mean = the mean over seeds of each seed's metric, as `continual_metrics` computes it), and
-        `"seen_accuracy": {"mean", "low", "high"}` with one value per step.
-    """
+def _replicates(runs: SequenceType, num_resamples: int, seed: int):
+    """Per metric: the mean over seeds of the per-seed point estimates, and `num_resamples`
+    bootstrap replicates of it (`[B, ...]`). The draws depend only on `seed`, the number of seeds
+    and the task sizes, so two methods run on the same seeds and test examples get the same
+    resampled examples (paired replicates, see `paired_difference`)."""
     check_int("num_resamples", num_resamples)
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     if not runs:
         raise ValueError("runs must hold at least one seed")
     generator = torch.Generator().manual_seed(seed)
@@ -258,24 +244,77 @@ def bootstrap_intervals(runs: SequenceType, num_resamples: int = 2000, confidenc
     num_seeds = len(runs)
     pick_seed = torch.randint(num_seeds, (num_resamples, num_seeds), generator=generator)
     pick_column = torch.randint(num_resamples, (num_resamples, num_seeds), generator=generator)
-    alpha = (1.0 - confidence) / 2
-    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
-    result: Dict[str, Dict[str, object]] = {}
+    means, replicates = {}, {}
     for metric in (*METRICS, "seen_accuracy"):
         table = torch.stack([b[metric] for b in per_seed_boot])  # [S, B, ...]
-        replicates = table[pick_seed, pick_column].mean(1)  # [B, ...]: seeds drawn with replacement
-        mean = torch.stack([p[metric] for p in per_seed_point]).mean(0)
-        # Bias-corrected percentiles (Efron 1981): forgetting takes a max over noisy accuracies, so
-        # its replicates sit above the point estimate; the correction shifts the percentiles by
-        # the share of replicates below it (no shift when that share is one half).
-        below = ((replicates < mean).double() + 0.5 * (replicates == mean).double()).mean(0)
-        below = below.clamp(1.0 / (num_resamples + 1), num_resamples / (num_resamples + 1))
-        z0, z = normal.icdf(below), normal.icdf(torch.tensor(1.0 - alpha, dtype=torch.float64))
-        low = _quantiles(replicates, normal.cdf(2 * z0 - z))
-        high = _quantiles(replicates, normal.cdf(2 * z0 + z))
-        convert = (lambda x: x.tolist()) if metric == "seen_accuracy" else (lambda x: float(x))
-        result[metric] = {"mean": convert(mean), "low": convert(low), "high": convert(high)}
-    return result
+        replicates[metric] = table[pick_seed, pick_column].mean(1)  # [B, ...]: seeds drawn with replacement
+        means[metric] = torch.stack([p[metric] for p in per_seed_point]).mean(0)
+    return means, replicates
+
+
+def _interval(mean: torch.Tensor, replicates: torch.Tensor, confidence: float) -> Dict[str, object]:
+    """Bias-corrected percentile interval (Efron 1981): forgetting takes a max over noisy
+    accuracies, so its replicates sit above the point estimate; the correction shifts the
+    percentiles by the share of replicates below it (no shift when that share is one half)."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    num_resamples = replicates.shape[0]
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    below = ((replicates < mean).double() + 0.5 * (replicates == mean).double()).mean(0)
+    below = below.clamp(1.0 / (num_resamples + 1), num_resamples / (num_resamples + 1))
+    z0 = normal.icdf(below)
+    z = normal.icdf(torch.tensor(1.0 - (1.0 - confidence) / 2, dtype=torch.float64))
+    low = _quantiles(replicates, normal.cdf(2 * z0 - z))
+    high = _quantiles(replicates, normal.cdf(2 * z0 + z))
+    convert = (lambda x: x.tolist()) if mean.dim() else float
+    return {"mean": convert(mean), "low": convert(low), "high": convert(high)}
+
+
+def bootstrap_intervals(runs: SequenceType, num_resamples: int = 2000, confidence: float = 0.95,
+                        seed: int = 0) -> Dict[str, Dict[str, object]]:
+    """Mean and bootstrap interval of the continual metrics over seeds and test examples.
+
+    Args:
+        runs: one entry per seed: `correct[i][j]` = the outcomes (1 correct, 0 wrong; a sequence
+            of ints or a string of '0' / '1') of the test examples of task `j` after learning task
+            `i` (`j <= i`, the same examples at every step).
+        num_resamples: bootstrap replicates. Each replicate draws the seeds with replacement and, for
+            every drawn seed, an independent resample of each task's test examples (the same
+            resampled examples at every step, so forgetting compares like with like).
+        confidence: the interval's coverage (bias-corrected percentile interval).
+        seed: of the resampling generator (the intervals are reproducible).
+
+    Returns:
+        `{metric: {"mean", "low", "high"}}` for `average_accuracy`, `final_accuracy`, `forgetting`
+        (mean = the mean over seeds of each seed's metric, as `continual_metrics` computes it), and
+        `"seen_accuracy": {"mean", "low", "high"}` with one value per step.
+    """
+    means, replicates = _replicates(runs, num_resamples, seed)
+    return {metric: _interval(means[metric], replicates[metric], confidence) for metric in means}
+
+
+def paired_difference(runs_a: SequenceType, runs_b: SequenceType, num_resamples: int = 2000,
+                      confidence: float = 0.95, seed: int = 0) -> Dict[str, Dict[str, float]]:
+    """Mean and paired bootstrap interval of `metric(a) - metric(b)` for two methods run on the same
+    seeds (same order) and so on the same test examples: every replicate resamples the same seeds
+    and examples for both, so what the two share (hard examples, a hard class draw) cancels and
+    the interval is narrower than the two separate intervals suggest.
+
+    Returns:
+        `{metric: {"mean", "low", "high"}}` for the three metrics.
+
+    Raises:
+        ValueError: if the runs differ in the number of seeds or in any seed's task sizes.
+    """
+    if len(runs_a) != len(runs_b):
+        raise ValueError(f"paired runs need the same seeds, got {len(runs_a)} and {len(runs_b)} seeds")
+    for k, (a, b) in enumerate(zip(runs_a, runs_b)):
+        if _check_correct(a) != _check_correct(b):
+            raise ValueError(f"seed {k}: the runs have different test examples per task")
+    means_a, replicates_a = _replicates(runs_a, num_resamples, seed)
+    means_b, replicates_b = _replicates(runs_b, num_resamples, seed)
+    return {metric: _interval(means_a[metric] - means_b[metric], replicates_a[metric] - replicates_b[metric],
+                              confidence) for metric in METRICS}
 
 
 def separated_best(intervals: SequenceType[Optional[Tuple[float, float, float]]],
