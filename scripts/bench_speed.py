@@ -107,6 +107,7 @@ def run_cell(cell: dict) -> dict:
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         ids = torch.randint(0, vocab, (1, length), generator=gen)
+        result["flops_per_token"] = counted_flops(model, ids, dtype == "bf16") / length
         for step in range(repeats + 1):
             start = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
@@ -152,6 +153,21 @@ def run_cell(cell: dict) -> dict:
         raise ValueError(f"unknown task {task!r}")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
+
+
+def counted_flops(model, ids, bf16: bool) -> float:
+    """FLOPs of one forward + backward as torch's FlopCounterMode counts them (matrix products and
+    attention; elementwise work and triangular solves are not counted)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
 
 
 class _nothing:
@@ -218,10 +234,21 @@ def format_table(results: Dict[str, Dict[str, dict]], rows, contexts) -> str:
             return ""
         return f" ({(base / mine if invert else mine / base):.2f}x)"
 
+    def achieved_gflops(row, task):
+        """Counted FLOPs per token x tokens/s: how much of the time goes into counted arithmetic."""
+        cell = results.get(row, {}).get(task, {})
+        speed, flops = value(row, task), cell.get("flops_per_token")
+        return None if speed is None or not flops else flops * speed / 1e9
+
+    def flop_ratio(row, task):
+        mine, base = achieved_gflops(row, task), achieved_gflops("llama", task)
+        return "" if mine is None or not base or row == "llama" else f" ({mine / base:.2f}x)"
+
     header = ["model", "params"]
     train_tasks = [t for t in ("train:2048:fp32", "train:2048:bf16", "train:8192:fp32", "train:8192:bf16")
                    if any(t in results.get(r, {}) for r in rows)]
     header += [f"train tok/s {t.split(':')[1]} {t.split(':')[2]}" for t in train_tasks]
+    header += [f"GFLOP/s {t.split(':')[1]} {t.split(':')[2]}" for t in train_tasks]
     header += ["prefill tok/s 2048", "fast/ref prefill"]
     header += [f"decode ms @{c}" for c in contexts]
     header += ["peak RSS MB"]
@@ -230,6 +257,7 @@ def format_table(results: Dict[str, Dict[str, dict]], rows, contexts) -> str:
         params = next((c.get("params") for c in results.get(row, {}).values() if "params" in c), None)
         cols = [row, fmt(params)]
         cols += [fmt(value(row, t)) + ratio(row, t) for t in train_tasks]
+        cols += [fmt(achieved_gflops(row, t), 1) + flop_ratio(row, t) for t in train_tasks]
         cols.append(fmt(value(row, "prefill:2048:chunked")) + ratio(row, "prefill:2048:chunked"))
         fast, ref = value(row, "prefill:2048:chunked"), value(row, "prefill:512:reference")
         cols.append(f"{fast / ref:.0f}x" if fast and ref else "-")
@@ -241,7 +269,10 @@ def format_table(results: Dict[str, Dict[str, dict]], rows, contexts) -> str:
         lines.append("| " + " | ".join(cols) + " |")
     lines.append("")
     lines.append("Ratios in parentheses are against Llama (higher is better for tok/s; for decode, Llama ms / "
-                 "model ms). Decode is flat in context when the 16K cell is within 1.1x of the 512 cell.")
+                 "model ms). Decode is flat in context when the 16K cell is within 1.1x of the 512 cell. "
+                 "GFLOP/s (FLOP efficiency) = FLOPs per token counted by torch's FlopCounterMode (matrix "
+                 "products and attention, forward + backward) x training tokens/s: a model whose time goes "
+                 "into arithmetic reaches Llama's rate (1x); per-op overhead lowers it.")
     return "\n".join(lines)
 
 
