@@ -30,3 +30,17 @@ def test_saved_cache_continues_as_it_did():
     with torch.no_grad():
         logits = model(PROBES["follow_ids"], cache=cache).logits
     torch.testing.assert_close(logits, PROBES[f"{name}.follow_logits"], rtol=0, atol=1e-12)
+
+
+def test_saved_llama_adapter_gives_its_saved_logits():
+    from transformers import LlamaForCausalLM
+
+    from hope_hf.adapters import load_hope_adapter
+
+    folder = FIXTURES / "adapter"
+    probes = load_file(str(folder / "probes.safetensors"))
+    base = LlamaForCausalLM.from_pretrained(folder / "base", dtype=torch.float64)
+    model = load_hope_adapter(base, folder / "hope_adapter").eval()
+    with torch.no_grad():
+        logits = model(probes["input_ids"]).logits
+    torch.testing.assert_close(logits, probes["logits"], rtol=0, atol=1e-12)
