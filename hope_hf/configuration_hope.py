@@ -17,6 +17,7 @@ CMS_VARIANTS = ("sequential", "independent")
 ACTIVATIONS = ("silu", "gelu", "tanh")
 SELF_MODIFYING_MEMORIES = ("k", "v", "eta", "alpha", "mem")
 SCAN_IMPLEMENTATIONS = ("chunked", "reference")
+MEMORY_READS = ("token", "chunk")
 
 
 class HopeConfig(PretrainedConfig):
@@ -34,7 +35,12 @@ class HopeConfig(PretrainedConfig):
         memory_activation: Activation inside deep memories and after the short convolution.
         chunk_size: `C`, chunk size of the adaptive projections' memories (`M_k, M_v, M_eta, M_alpha`):
             inside a chunk they are read, and their gradients taken, at the chunk-start state.
-        memory_chunk_size: `C_mem`, the same for the main memory `M_mem` (and the titans memory).
+        memory_chunk_size: `C_mem`, the same for the main memory `M_mem` (and the titans memory): its
+            inner gradients are taken at the chunk-start state.
+        memory_read: Which state of the main memory `M_mem` a token reads: `"token"` the current
+            state, `o_t = M_{t-1}(q_t)` (paper Eq. 88: a write is visible to the next token), or
+            `"chunk"` the state at the start of the token's chunk (paper Eq. 90: nothing written
+            in a chunk is visible before it ends).
         eta_max: Upper bound of the per-token inner learning rate `eta_t = eta_max * sigmoid(.)`.
         eta_init: Initial inner learning rate as a fraction of `eta_max` (SPEC section 9).
         alpha_init: Initial retention `alpha_t` (SPEC section 9: keep it near 1).
@@ -88,6 +94,7 @@ class HopeConfig(PretrainedConfig):
         memory_activation: str = "silu",
         chunk_size: int = 16,
         memory_chunk_size: int = 64,
+        memory_read: str = "chunk",
         eta_max: float = 0.5,
         eta_init: float = 0.05,
         alpha_init: float = 0.97,
@@ -123,6 +130,7 @@ class HopeConfig(PretrainedConfig):
         self.memory_activation = memory_activation
         self.chunk_size = chunk_size
         self.memory_chunk_size = memory_chunk_size
+        self.memory_read = memory_read
         self.eta_max = eta_max
         self.eta_init = eta_init
         self.alpha_init = alpha_init
@@ -204,6 +212,7 @@ class HopeConfig(PretrainedConfig):
         choice("memory_activation", self.memory_activation, ACTIVATIONS)
         choice("cms_variant", self.cms_variant, CMS_VARIANTS)
         choice("scan_implementation", self.scan_implementation, SCAN_IMPLEMENTATIONS)
+        choice("memory_read", self.memory_read, MEMORY_READS)
         if self.mixer == "attention" and self.head_dim % 2 != 0:
             raise ValueError(f"HopeConfig: mixer='attention' needs an even head_dim (RoPE), got {self.head_dim}")
         if not isinstance(self.eta_max, (int, float)) or not 0.0 < self.eta_max <= 1.0:

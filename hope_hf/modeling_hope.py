@@ -150,7 +150,7 @@ class HopeMemoryMixer(nn.Module):
         self.o_norm = HopeRMSNorm(config.head_dim, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(d, d, bias=False)
         self.rule = MemoryRule(config.memory_activation, config.norm_eps, config.in_context_updates,
-                               config.scan_recompute_threshold)
+                               config.scan_recompute_threshold, config.memory_read)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.config.num_heads, self.config.head_dim)
