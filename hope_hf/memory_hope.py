@@ -104,32 +104,40 @@ def step_bound(
     Returns name -> factor [..., C].
     """
     with torch.no_grad():  # [choice] a safeguard on the step size, like gradient clipping
-        norm = lambda x: (x * x).sum(-1).sqrt()  # noqa: E731
         rate = (eta / (2.0 - eta).clamp(min=1e-6)).clamp(min=1.0)  # max(1, eta / (2 - eta))
-        if "W" in state:
-            inputs = {"W": (key, target_key, None, None)}
+        return {name: (kappa * rate / (u * u).sum(-1).clamp(min=1.0)).clamp(min=1.0)
+                for name, (kappa, u) in inner_curvature(state, key, target_key, act).items()}
+
+
+def inner_curvature(state: MemoryState, key: torch.Tensor, target_key, act: str) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """`step_bound`'s kappa per weight: an upper bound of the spectral norm of the Jacobian, with respect
+    to that weight, of the inner gradient `G_k^T (M[S](k) - target) u^T`, the target `M[S](target_key)`
+    moving with the state (None: a fixed target). Returns name -> (kappa [..., C], key-side input u)."""
+    norm = lambda x: (x * x).sum(-1).sqrt()  # noqa: E731
+    if "W" in state:
+        inputs = {"W": (key, target_key, None, None)}
+    else:
+        pre_k = key @ state["W2"].transpose(-1, -2)  # [..., C, M]
+        columns = (state["W1"] ** 2).sum(-2).unsqueeze(-2)  # ||W1[:, m]||^2, [..., 1, M]
+        slope_k = activation_derivative(act, pre_k)
+        gain_k = (columns * slope_k * slope_k).sum(-1).sqrt()  # ||W1 diag(act'(pre_k))||_F
+        if target_key is None:
+            inputs = {"W1": (activation(act, pre_k), None, None, None), "W2": (key, None, gain_k, None)}
         else:
-            pre_k = key @ state["W2"].transpose(-1, -2)  # [..., C, M]
-            columns = (state["W1"] ** 2).sum(-2).unsqueeze(-2)  # ||W1[:, m]||^2, [..., 1, M]
-            slope_k = activation_derivative(act, pre_k)
-            gain_k = (columns * slope_k * slope_k).sum(-1).sqrt()  # ||W1 diag(act'(pre_k))||_F
-            if target_key is None:
-                inputs = {"W1": (activation(act, pre_k), None, None, None), "W2": (key, None, gain_k, None)}
-            else:
-                pre_v = target_key @ state["W2"].transpose(-1, -2)
-                slope_v = activation_derivative(act, pre_v)
-                gain_diff = (columns * (slope_k - slope_v) ** 2).sum(-1).sqrt()
-                inputs = {"W1": (activation(act, pre_k), activation(act, pre_v), None, None),
-                          "W2": (key, target_key, gain_k, gain_diff)}
-        factors = {}
-        for name, (u, u_v, gain, gain_diff) in inputs.items():
-            g = 1.0 if gain is None else gain
-            if u_v is None:
-                kappa = norm(u) ** 2 * g * g
-            else:
-                kappa = norm(u) * g * (g * norm(u - u_v) + (0.0 if gain_diff is None else gain_diff * norm(u_v)))
-            factors[name] = (kappa * rate / (u * u).sum(-1).clamp(min=1.0)).clamp(min=1.0)
-    return factors
+            pre_v = target_key @ state["W2"].transpose(-1, -2)
+            slope_v = activation_derivative(act, pre_v)
+            gain_diff = (columns * (slope_k - slope_v) ** 2).sum(-1).sqrt()  # ||G_k - G_v||_F
+            inputs = {"W1": (activation(act, pre_k), activation(act, pre_v), None, None),
+                      "W2": (key, target_key, gain_k, gain_diff)}
+    curvature = {}
+    for name, (u, u_v, gain, gain_diff) in inputs.items():
+        g = 1.0 if gain is None else gain
+        if u_v is None:
+            kappa = (u * u).sum(-1) * (g * g)  # (not norm(u)**2: exactly the normaliser's ||u||^2)
+        else:
+            kappa = norm(u) * g * (g * norm(u - u_v) + (0.0 if gain_diff is None else gain_diff * norm(u_v)))
+        curvature[name] = (kappa, u)
+    return curvature
 
 
 def dgd_step(
