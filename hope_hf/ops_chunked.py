@@ -9,7 +9,10 @@ at once from `S`, and the only sequential object is the current state `W`, whose
 
 (`memory_hope.dgd_step`; `e_t` the gradient's output factor, `u_t` the layer input) is a linear
 recurrence with rank-1 transitions. `dgd_chunk` gives its end-of-chunk state in closed form
-(the WY / UT form of the gated delta rule) with one triangular solve. A CMS level is simpler:
+(the WY / UT form of the gated delta rule) with one triangular solve. With `memory_read="token"`
+the main memory is read at the state before each token's update (`o_t = M_{t-1}(q_t)`, paper
+Eq. 88); the same solve gives those reads as masked matmuls (`ChunkSolve.reads`), layer by layer
+for a deep memory (`W2_{t-1} q_t`, then `W1_{t-1} act(.)`). A CMS level is simpler:
 its fast weights change only at chunk ends, by the chunk's summed gradient (one matmul).
 
 Chunks are counted per sample from its first real token, and padding (mask False) does not

@@ -82,6 +82,9 @@ def self_modifying_scan(
 ) -> Tuple[torch.Tensor, MemoryStates, MemoryStates]:
     """Self-modifying Titans (paper Eq. 83-91), one token at a time.
 
+    Every memory's inner gradient (and its `step_bound`) is taken at its chunk-start state; the main
+    memory is read at the current state `M_{t-1}` with `rule.memory_read == "token"`.
+
     a, q: [B, T, H, D] (non-adaptive features and l2-normalised queries); mask: [B, T] bool;
     seen: [B]; readouts [H, D], biases [H]. `start`/`current`: memory name -> state, names
     `k, v, eta, alpha, mem`. Returns the reads `o` [B, T, H, D] and the end states.
