@@ -94,8 +94,10 @@ def step_bound(
     the erase term (rate eta along u~) the step's contraction along the worst direction is at most
     `eta (1 + kappa / n)` for a normaliser n, which must stay below 2 (an eigenvalue above -1):
     n >= kappa * max(1, eta / (2 - eta)). The factor is `max(1, that / max(1, ||u||^2))`, so the old
-    normalised step is kept wherever it is already stable. At init (W1 ~ 0, self-generated target
-    with k ~ v, eta <= 1) every factor is 1: the step is exactly the SPEC section 3 step.
+    normalised step is kept wherever it is already stable. With SPEC section 9's init (W1 ~ 0,
+    self-generated target with k ~ v, eta <= 1) every factor is 1: the step is exactly the SPEC
+    section 3 step. The default `key_value_init_range` 0.3 starts k and the target apart, so there the
+    bound is active from the first token (factors up to ~3.5 for W1, ~40 for M_k/M_v's W2 at d_h 16).
     Why: with trained weights, the self-generated target feeds the state back (transition along h_k
     about `1 - eta (2 - h_v.h_k / ||h_k||^2)`, which left (-1, 1) and gave NaN during training at
     eta 0.9 and W2_0 std 2, issue 12).

@@ -54,11 +54,12 @@ def _record_bounds(monkeypatch):
 @pytest.mark.parametrize("key_value_init_range", [None, 0.02])
 @pytest.mark.parametrize("mixer", ["self_modifying", "titans"])
 def test_step_bound_is_one_at_init(monkeypatch, mixer, key_value_init_range):
-    """At init the bound changes nothing, except in M_k and M_v under the default key_value_init_range
-    (W1 at std 0.3, so that k and the self-generated target start apart): there the init itself has
-    curvature above 1 (W2's gain through W1 up to ~6, factor up to ~40 at d_h = 16; W1's target moves
-    with the state, factor up to ~3), and the bound is what keeps that init stable. With SPEC section
-    9's init (W1 ~ N(0, 0.02^2) for every memory) every factor is exactly 1: the SPEC section 3 step."""
+    """With SPEC section 9's init (W1 ~ N(0, 0.02^2) for every memory; and for titans) every factor is
+    exactly 1 at init: the step is the SPEC section 3 step. Under the default key_value_init_range 0.3
+    (M_k, M_v's W1 at std 0.3, so that k and the self-generated target start apart) the init itself has
+    curvature above 1 and the bound is active from the start: measured factors up to ~40 for M_k/M_v's
+    W2 (its gain through W1) and ~3.5 for W1 steps (||h_k - h_v|| > ||h_k|| once k and v differ); the
+    MQAR gain of that init (0.343/0.345 vs 0.322/0.300) was measured with the bound on."""
     seen = []
 
     def recording(state, key, target_key, eta, act):
@@ -77,8 +78,8 @@ def test_step_bound_is_one_at_init(monkeypatch, mixer, key_value_init_range):
         model(torch.randint(3, 61, (2, 64), generator=torch.Generator().manual_seed(1)))
     assert seen
     for name, large_w1, factor in seen:
-        if large_w1 and mixer == "self_modifying" and key_value_init_range is None:
-            assert factor >= 1.0
+        if mixer == "self_modifying" and key_value_init_range is None:
+            assert 1.0 <= factor < 100.0
         else:
             assert factor == 1.0, (name, large_w1, factor)
 
