@@ -85,7 +85,7 @@ class HopeConfig(PretrainedConfig):
             target start apart, so the memory writes from the first token (issue 12). Default 0.3:
             MQAR 4 pairs (64 tokens, 16/64 chunks, token reads, 300 steps, lr 3e-3) 0.343 / 0.345
             (seeds 0/1) against 0.322 / 0.300 with 0.02; the far-token reach at init (40 tokens)
-            0.12 / 0.16 against 0.013 / 0.018 (results/in_context/README.md).
+            0.14 / 0.19 against 0.013 / 0.018 (results/in_context/README.md).
         rope_theta: RoPE base of the attention mixer.
         attention_bias: Whether the attention mixer's projections have biases.
         tie_word_embeddings: Tie the LM head to the token embedding.
