@@ -81,7 +81,8 @@ class HopeConfig(PretrainedConfig):
         memory_init_range: Standard deviation of the initial states of the deep memories'
             weights (small, so that a residual memory starts near the identity).
         key_value_init_range: The same for the key and value memories `M_k`, `M_v` of the
-            self-modifying mixer (None: `memory_init_range`). Larger, k and the self-generated
+            self-modifying mixer, deep memories only (None: `memory_init_range`; linear memories
+            always use `memory_init_range`, the larger init was not measured for them). Larger, k and the self-generated
             target start apart, so the memory writes from the first token (issue 12). Default 0.3:
             MQAR 4 pairs (64 tokens, 16/64 chunks, token reads, 300 steps, lr 3e-3) 0.343 / 0.345
             (seeds 0/1) against 0.322 / 0.300 with 0.02; the far-token reach at init (40 tokens)

@@ -121,9 +121,11 @@ class MemoryInitialState(nn.Module):
     def __init__(self, config: HopeConfig, name: str = "mem") -> None:
         super().__init__()
         heads, dim = config.num_heads, config.head_dim
-        # std of the initial state's W1 (deep) or of its noise around the identity (linear)
+        # std of the initial state's W1 (deep; key_value_init_range for M_k, M_v) or of its noise around
+        # the identity (linear: memory_init_range, key_value_init_range was only measured for deep memories)
         kv_range = config.key_value_init_range
-        self.init_range = kv_range if (name in ("k", "v") and kv_range is not None) else config.memory_init_range
+        deep_kv = name in ("k", "v") and kv_range is not None and config.memory_type == "deep"
+        self.init_range = kv_range if deep_kv else config.memory_init_range
         if config.memory_type == "deep":
             self.W1 = nn.Parameter(torch.zeros(heads, dim, config.memory_dim))
             self.W2 = nn.Parameter(torch.zeros(heads, config.memory_dim, dim))
