@@ -17,6 +17,7 @@ CMS_VARIANTS = ("sequential", "independent")
 ACTIVATIONS = ("silu", "gelu", "tanh")
 SELF_MODIFYING_MEMORIES = ("k", "v", "eta", "alpha", "mem")
 SCAN_IMPLEMENTATIONS = ("chunked", "reference")
+MEMORY_READS = ("token", "chunk")
 
 
 class HopeConfig(PretrainedConfig):
@@ -34,10 +35,24 @@ class HopeConfig(PretrainedConfig):
         memory_activation: Activation inside deep memories and after the short convolution.
         chunk_size: `C`, chunk size of the adaptive projections' memories (`M_k, M_v, M_eta, M_alpha`):
             inside a chunk they are read, and their gradients taken, at the chunk-start state.
-        memory_chunk_size: `C_mem`, the same for the main memory `M_mem` (and the titans memory).
-        eta_max: Upper bound of the per-token inner learning rate `eta_t = eta_max * sigmoid(.)`.
-        eta_init: Initial inner learning rate as a fraction of `eta_max` (SPEC section 9).
-        alpha_init: Initial retention `alpha_t` (SPEC section 9: keep it near 1).
+        memory_chunk_size: `C_mem`, the same for the main memory `M_mem` (and the titans memory): its
+            inner gradients are taken at the chunk-start state.
+        memory_read: Which state of the main memory `M_mem` a token reads: `"token"` the current
+            state, `o_t = M_{t-1}(q_t)` (paper Eq. 88: a write is visible to the next token), or
+            `"chunk"` the state at the start of the token's chunk (paper Eq. 90: nothing written
+            in a chunk is visible before it ends). Default `"token"` (issue 12, measured on MQAR 4 pairs,
+            64 tokens, default chunk sizes 16/64, 300 steps, 2 seeds: 0.322 / 0.300 against 0.0125 /
+            0.0125 (chance) for `"chunk"`, at ~1.3x the time per step; results/in_context/README.md).
+        eta_max: Upper bound of the per-token inner learning rate `eta_t = eta_max * sigmoid(.)`, in
+            (0, 2]. Above 1 the DGD transition `alpha I - eta u~ u~^T` gets eigenvalues below 0 along
+            the key (state tracking, Grazzi et al. 2024); `memory_hope.step_bound` keeps the step
+            stable at any eta below 2. Default 2 (issue 12; formal languages, 300 steps, seed 0:
+            parity 1.0 / 0.795 at training / longer lengths against 0.5 / 0.5 with eta_max 1;
+            results/in_context/README.md).
+        eta_init: Initial inner learning rate as a fraction of `eta_max` (SPEC section 9: eta = 0.5 at
+            init, like DeltaNet's beta; 0.05 x 0.5 left the memory inert).
+        alpha_init: Initial retention `alpha_t` (SPEC section 9: keep it near 1; 0.97 decayed the
+            state 20x faster than the writes changed it).
         conv_window: Window of the causal depthwise convolution of the non-adaptive stage.
         cms_chunk_sizes: One Continuum Memory System level per entry, fastest first; an int `C_l` is
             a level whose fast weights are updated every `C_l` tokens, `None` a static level
@@ -67,6 +82,13 @@ class HopeConfig(PretrainedConfig):
         initializer_range: Standard deviation of the normal initialisation of linear layers.
         memory_init_range: Standard deviation of the initial states of the deep memories'
             weights (small, so that a residual memory starts near the identity).
+        key_value_init_range: The same for the key and value memories `M_k`, `M_v` of the
+            self-modifying mixer, deep memories only (None: `memory_init_range`; linear memories
+            always use `memory_init_range`, the larger init was not measured for them). Larger, k and the self-generated
+            target start apart, so the memory writes from the first token (issue 12). Default 0.3:
+            MQAR 4 pairs (64 tokens, 16/64 chunks, token reads, 300 steps, lr 3e-3) 0.343 / 0.345
+            (seeds 0/1) against 0.322 / 0.300 with 0.02; the far-token reach at init (40 tokens)
+            0.14 / 0.19 against 0.013 / 0.018 (results/in_context/README.md).
         rope_theta: RoPE base of the attention mixer.
         attention_bias: Whether the attention mixer's projections have biases.
         tie_word_embeddings: Tie the LM head to the token embedding.
@@ -88,9 +110,10 @@ class HopeConfig(PretrainedConfig):
         memory_activation: str = "silu",
         chunk_size: int = 16,
         memory_chunk_size: int = 64,
-        eta_max: float = 0.5,
-        eta_init: float = 0.05,
-        alpha_init: float = 0.97,
+        memory_read: str = "token",
+        eta_max: float = 2.0,
+        eta_init: float = 0.5,
+        alpha_init: float = 0.999,
         conv_window: int = 4,
         cms_chunk_sizes: Optional[Sequence[Optional[int]]] = (16, 256, None),
         cms_intermediate_size: Optional[int] = None,
@@ -104,6 +127,7 @@ class HopeConfig(PretrainedConfig):
         norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
         memory_init_range: float = 0.02,
+        key_value_init_range: Optional[float] = 0.3,
         rope_theta: float = 10000.0,
         attention_bias: bool = False,
         tie_word_embeddings: bool = True,
@@ -123,6 +147,7 @@ class HopeConfig(PretrainedConfig):
         self.memory_activation = memory_activation
         self.chunk_size = chunk_size
         self.memory_chunk_size = memory_chunk_size
+        self.memory_read = memory_read
         self.eta_max = eta_max
         self.eta_init = eta_init
         self.alpha_init = alpha_init
@@ -141,6 +166,7 @@ class HopeConfig(PretrainedConfig):
         self.norm_eps = norm_eps
         self.initializer_range = initializer_range
         self.memory_init_range = memory_init_range
+        self.key_value_init_range = key_value_init_range
         self.rope_theta = rope_theta
         self.attention_bias = attention_bias
         self.use_cache = use_cache
@@ -192,6 +218,11 @@ class HopeConfig(PretrainedConfig):
         ):
             raise ValueError(f"HopeConfig.scan_recompute_threshold must be a non-negative int or None, "
                              f"got {self.scan_recompute_threshold!r}")
+        if self.key_value_init_range is not None and (
+            not isinstance(self.key_value_init_range, (int, float)) or self.key_value_init_range <= 0
+        ):
+            raise ValueError(f"HopeConfig.key_value_init_range must be a positive float or None, "
+                             f"got {self.key_value_init_range!r}")
         for name in ("memory_hidden_size", "cms_intermediate_size"):
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name))
@@ -204,10 +235,11 @@ class HopeConfig(PretrainedConfig):
         choice("memory_activation", self.memory_activation, ACTIVATIONS)
         choice("cms_variant", self.cms_variant, CMS_VARIANTS)
         choice("scan_implementation", self.scan_implementation, SCAN_IMPLEMENTATIONS)
+        choice("memory_read", self.memory_read, MEMORY_READS)
         if self.mixer == "attention" and self.head_dim % 2 != 0:
             raise ValueError(f"HopeConfig: mixer='attention' needs an even head_dim (RoPE), got {self.head_dim}")
-        if not isinstance(self.eta_max, (int, float)) or not 0.0 < self.eta_max <= 1.0:
-            raise ValueError(f"HopeConfig.eta_max must be a float in (0, 1], got {self.eta_max!r}")
+        if not isinstance(self.eta_max, (int, float)) or not 0.0 < self.eta_max <= 2.0:
+            raise ValueError(f"HopeConfig.eta_max must be a float in (0, 2], got {self.eta_max!r}")
         open_unit("eta_init", self.eta_init)
         open_unit("alpha_init", self.alpha_init)
         open_unit("cms_alpha_init", self.cms_alpha_init)

@@ -134,9 +134,14 @@ class ShortConvolution(nn.Module):
 class MemoryInitialState(nn.Module):
     """The meta-learned initial state of one in-context memory, per head (SPEC section 2)."""
 
-    def __init__(self, config: HopeConfig) -> None:
+    def __init__(self, config: HopeConfig, name: str = "mem") -> None:
         super().__init__()
         heads, dim = config.num_heads, config.head_dim
+        # std of the initial state's W1 (deep; key_value_init_range for M_k, M_v) or of its noise around
+        # the identity (linear: memory_init_range, key_value_init_range was only measured for deep memories)
+        kv_range = config.key_value_init_range
+        deep_kv = name in ("k", "v") and kv_range is not None and config.memory_type == "deep"
+        self.init_range = kv_range if deep_kv else config.memory_init_range
         if config.memory_type == "deep":
             self.W1 = nn.Parameter(torch.zeros(heads, dim, config.memory_dim))
             self.W2 = nn.Parameter(torch.zeros(heads, config.memory_dim, dim))
@@ -162,11 +167,11 @@ class HopeMemoryMixer(nn.Module):
         self.in_proj = nn.Linear(d, d, bias=False)
         self.conv = ShortConvolution(d, config.conv_window)
         self.q_proj = nn.Linear(d, d, bias=False)
-        self.memories = nn.ModuleDict({name: MemoryInitialState(config) for name in self.memory_names})
+        self.memories = nn.ModuleDict({name: MemoryInitialState(config, name) for name in self.memory_names})
         self.o_norm = HopeRMSNorm(config.head_dim, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(d, d, bias=False)
         self.rule = MemoryRule(config.memory_activation, config.norm_eps, config.in_context_updates,
-                               config.scan_recompute_threshold)
+                               config.scan_recompute_threshold, config.memory_read)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.config.num_heads, self.config.head_dim)
@@ -462,12 +467,13 @@ class HopePreTrainedModel(PreTrainedModel):
         elif isinstance(module, MemoryInitialState):
             if hasattr(module, "W"):
                 eye = torch.eye(config.head_dim).expand_as(module.W)
-                init.copy_(module.W, eye + config.memory_init_range * torch.randn_like(module.W))
+                init.copy_(module.W, eye + module.init_range * torch.randn_like(module.W))
             else:
-                # W2 at fan-in scale so the hidden layer is O(1) and the inner gradient of W1
-                # (error x hidden) can write; W1 small so that M starts near the identity.
-                init.normal_(module.W1, std=config.memory_init_range)
-                init.normal_(module.W2, std=config.head_dim**-0.5)
+                # SPEC section 9: W2 ~ N(0, 1), so that unit keys give an O(1) hidden layer and the W1
+                # step is a true normalised step (at N(0, 1/d_h), ||act(W2 k)||^2 ~ 0.25 and writes were
+                # 1% of a state's change); W1 small so that M starts near the identity.
+                init.normal_(module.W1, std=module.init_range)
+                init.normal_(module.W2, std=1.0)
         elif isinstance(module, SelfModifyingTitansMixer):
             init.normal_(module.eta_readout, std=config.initializer_range)
             init.normal_(module.alpha_readout, std=config.initializer_range)

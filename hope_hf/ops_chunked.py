@@ -9,7 +9,10 @@ at once from `S`, and the only sequential object is the current state `W`, whose
 
 (`memory_hope.dgd_step`; `e_t` the gradient's output factor, `u_t` the layer input) is a linear
 recurrence with rank-1 transitions. `dgd_chunk` gives its end-of-chunk state in closed form
-(the WY / UT form of the gated delta rule) with one triangular solve. A CMS level is simpler:
+(the WY / UT form of the gated delta rule) with one triangular solve. With `memory_read="token"`
+the main memory is read at the state before each token's update (`o_t = M_{t-1}(q_t)`, paper
+Eq. 88); the same solve gives those reads as masked matmuls (`ChunkSolve.reads`), layer by layer
+for a deep memory (`W2_{t-1} q_t`, then `W1_{t-1} act(.)`). A CMS level is simpler:
 its fast weights change only at chunk ends, by the chunk's summed gradient (one matmul).
 
 Chunks are counted per sample from its first real token, and padding (mask False) does not
@@ -32,7 +35,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .memory_hope import MemoryState, activation, activation_derivative, l2norm
+from .memory_hope import MemoryState, activation, activation_derivative, l2norm, step_bound
 from .ops_fla import fla_dgd_chunk, use_fla
 from .ops_reference import MemoryRule
 
@@ -112,6 +115,7 @@ class ChunkGrid:
                 done = end >= absolute
                 self.completes.append(bool(done.all()) or (done if bool(done.any()) else False))
         self.pads: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * len(self.segments)
+        self.pad_slots: List[Optional[torch.Tensor]] = [None] * len(self.segments)  # each pad's slot in its segment
         if not self.uniform and not bool(mask.all()):
             pad_sample, pad_token = (~mask).nonzero(as_tuple=True)
             pad_slot = position[pad_sample, pad_token] - lo
@@ -119,6 +123,7 @@ class ChunkGrid:
                 inside = (pad_slot >= seg_start) & (pad_slot < seg_stop)
                 if bool(inside.any()):
                     self.pads[i] = (pad_sample[inside], pad_token[inside])
+                    self.pad_slots[i] = pad_slot[inside] - seg_start
 
     def _single_token(self, offset: torch.Tensor, active: torch.Tensor, chunk_size: int) -> None:
         """One token per sample: every sample's token is the grid's only slot (its chunk position
@@ -134,6 +139,7 @@ class ChunkGrid:
         any_complete = bool(completes.any())
         self.completes = [(bool(completes.all()) or completes) if any_complete else False]
         self.pads = [None]
+        self.pad_slots = [None]
 
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, ...] -> [B, L, ...] grid layout (fillers are zero)."""
@@ -187,15 +193,18 @@ def memory_read_chunk(state: MemoryState, z: torch.Tensor, act: str) -> torch.Te
 
 
 def dgd_terms(
-    state: MemoryState, key: torch.Tensor, target: torch.Tensor, act: str, eps: float
+    state: MemoryState, key: torch.Tensor, target: torch.Tensor, act: str, eps: float,
+    target_key: Optional[torch.Tensor] = None, eta: Optional[torch.Tensor] = None,
 ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """The DGD update of every weight of a memory, written as `W (alpha I - eta u~ u~^T) + eta r u~^T`.
 
     The inner gradient of `1/2 ||M[S](k) - target||^2` w.r.t. a weight is a rank-1 `e u^T` (output
-    factor `e`, layer input `u`), so the gradient term `-eta / max(1, ||u||^2) e u^T` of
-    `memory_hope.dgd_step` is `eta r u~^T` with `r = -||u|| / max(1, ||u||^2) e`.
+    factor `e`, layer input `u`), so the gradient term `-eta / (max(1, ||u||^2) b) e u^T` of
+    `memory_hope.dgd_step` is `eta r u~^T` with `r = -||u|| / (max(1, ||u||^2) b) e`, `b` the
+    stop-gradient `memory_hope.step_bound` factor (needs `eta`; the self-generated target's key
+    `target_key`, None for a plain target; no eta: b = 1).
 
-    state: chunk-start weights [..., O, I]; key, target: [..., C, D].
+    state: chunk-start weights [..., O, I]; key, target, target_key: [..., C, D]; eta: [..., C].
     Returns name -> (unit inputs u~ [..., C, I], writes per unit learning rate r [..., C, O]).
     """
     if "W" in state:
@@ -207,21 +216,21 @@ def dgd_terms(
         error = key + hidden @ state["W1"].transpose(-1, -2) - target  # [..., C, D]
         grad_pre = (error @ state["W1"]) * activation_derivative(act, pre)  # [..., C, M]
         factors = {"W1": (error, hidden), "W2": (grad_pre, key)}
+    bound = None if eta is None else step_bound(state, key, target_key, eta, act)
     terms = {}
     for name, (out_factor, inputs) in factors.items():
         squared = (inputs * inputs).sum(-1)  # [..., C]
         scale = torch.rsqrt(squared + eps)
         # ||u|| written as (||u||^2 + eps) * rsqrt(||u||^2 + eps), so that u = u~ * that, exactly as
         # l2norm defines u~.
-        write_scale = -(squared + eps) * scale / squared.clamp(min=1.0)
+        normaliser = squared.clamp(min=1.0) if bound is None else squared.clamp(min=1.0) * bound[name]
+        write_scale = -(squared + eps) * scale / normaliser
         terms[name] = (inputs * scale.unsqueeze(-1), out_factor * write_scale.unsqueeze(-1))
     return terms
 
 
-def dgd_chunk(
-    weight: torch.Tensor, unit: torch.Tensor, write_per_eta: torch.Tensor, eta: torch.Tensor, log_alpha: torch.Tensor
-) -> torch.Tensor:
-    """End state of `W_t = W_{t-1} (alpha_t I - eta_t u~_t u~_t^T) + w_t u~_t^T` over a chunk, with
+class ChunkSolve:
+    """The UT form of `W_t = W_{t-1} (alpha_t I - eta_t u~_t u~_t^T) + w_t u~_t^T` over a chunk, with
     the writes `w_t = eta_t r_t`.
 
     With gamma_t = prod_{s<=t} alpha_s, the state is `W_t = gamma_t W_0 + sum_{s<=t} gamma_t /
@@ -229,27 +238,71 @@ def dgd_chunk(
 
         x_t + eta_t sum_{s<t} (gamma_{t-1} / gamma_s) (u~_s . u~_t) x_s = w_t - eta_t gamma_{t-1} W_0 u~_t,
 
-    (the UT transform of DeltaNet, with decay). All decay ratios are <= 1 (no overflow).
+    (the UT transform of DeltaNet, with decay). All decay ratios are <= 1 (no overflow). `end()` is
+    W_C; `reads(z)` the per-token reads `W_{t-1} z_t` (what the state is before token t's update),
+
+        W_{t-1} z_t = gamma_{t-1} W_0 z_t + sum_{s<t} (gamma_{t-1} / gamma_s) (u~_s . z_t) x_s,
+
+    an attention-like masked matmul with the same decay matrix.
+
+    weight: W_0 [..., O, I]; unit: [..., C, I]; write_per_eta: r [..., C, O]; eta, log_alpha: [..., C].
+    """
+
+    def __init__(self, weight, unit, write_per_eta, eta, log_alpha) -> None:
+        dtype = weight.dtype
+        unit, eta, log_alpha = unit.to(dtype), eta.to(dtype), log_alpha.to(dtype)
+        self.weight, self.unit = weight, unit
+        write = eta.unsqueeze(-1) * write_per_eta.to(dtype)
+        length = unit.shape[-2]
+        self.log_gamma = log_alpha.cumsum(-1)  # [..., C]
+        self.log_gamma_prev = self.log_gamma - log_alpha
+        if length == 1:  # one token: the step itself
+            self.decay = None
+            self.pseudo = write - eta[..., None] * (unit @ weight.transpose(-1, -2))
+            return
+        strictly_lower = torch.ones(length, length, dtype=torch.bool, device=unit.device).tril(-1)
+        self.decay = (self.log_gamma_prev[..., :, None] - self.log_gamma[..., None, :]).masked_fill(
+            ~strictly_lower, -math.inf).exp()
+        system = eta[..., :, None] * self.decay * (unit @ unit.transpose(-1, -2))  # [..., C, C], strictly lower
+        rhs = write - (eta * self.log_gamma_prev.exp())[..., None] * (unit @ weight.transpose(-1, -2))  # [..., C, O]
+        self.pseudo = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+
+    def end(self) -> torch.Tensor:
+        """W_C [..., O, I]."""
+        tail = (self.log_gamma[..., -1:] - self.log_gamma).exp()  # gamma_C / gamma_s, [..., C]
+        return self.log_gamma[..., -1, None, None].exp() * self.weight + (self.pseudo * tail[..., None]).transpose(-1, -2) @ self.unit
+
+    def reads(self, z: torch.Tensor) -> torch.Tensor:
+        """`W_{t-1} z_t` for z [..., C, I] -> [..., C, O]."""
+        z = z.to(self.weight.dtype)
+        initial = z @ self.weight.transpose(-1, -2)  # W_0 z_t, [..., C, O]
+        if self.decay is None:
+            return initial
+        return self.log_gamma_prev.exp()[..., None] * initial + (self.decay * (z @ self.unit.transpose(-1, -2))) @ self.pseudo
+
+    def reads_at(self, z: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """`W_{s-1} z` for single vectors z [..., I] at chunk slots s [...] (long) -> [..., O]."""
+        z = z.to(self.weight.dtype)
+        initial = (self.weight @ z.unsqueeze(-1)).squeeze(-1)
+        if self.decay is None:
+            return initial
+        index = slots.unsqueeze(-1)
+        decay = self.decay.gather(-2, index.unsqueeze(-1).expand(*slots.shape, 1, self.decay.shape[-1])).squeeze(-2)  # [..., C]
+        gamma = self.log_gamma_prev.gather(-1, index).exp()  # [..., 1]
+        mixed = ((decay * (self.unit @ z.unsqueeze(-1)).squeeze(-1)).unsqueeze(-2) @ self.pseudo).squeeze(-2)
+        return gamma * initial + mixed
+
+
+def dgd_chunk(
+    weight: torch.Tensor, unit: torch.Tensor, write_per_eta: torch.Tensor, eta: torch.Tensor, log_alpha: torch.Tensor
+) -> torch.Tensor:
+    """End state of `W_t = W_{t-1} (alpha_t I - eta_t u~_t u~_t^T) + w_t u~_t^T` over a chunk, with
+    the writes `w_t = eta_t r_t` (`ChunkSolve`, one triangular solve).
 
     weight: W_0 [..., O, I]; unit: [..., C, I]; write_per_eta: r [..., C, O]; eta, log_alpha: [..., C].
     Returns W_C [..., O, I].
     """
-    dtype = weight.dtype
-    unit, eta, log_alpha = unit.to(dtype), eta.to(dtype), log_alpha.to(dtype)
-    write = eta.unsqueeze(-1) * write_per_eta.to(dtype)
-    if unit.shape[-2] == 1:  # one token: the step itself
-        projected = unit @ weight.transpose(-1, -2)  # [..., 1, O]
-        return log_alpha.exp()[..., None] * weight + (write - eta[..., None] * projected).transpose(-1, -2) @ unit
-    length = unit.shape[-2]
-    log_gamma = log_alpha.cumsum(-1)  # [..., C]
-    log_gamma_prev = log_gamma - log_alpha
-    strictly_lower = torch.ones(length, length, dtype=torch.bool, device=unit.device).tril(-1)
-    decay = (log_gamma_prev[..., :, None] - log_gamma[..., None, :]).masked_fill(~strictly_lower, -math.inf).exp()
-    system = eta[..., :, None] * decay * (unit @ unit.transpose(-1, -2))  # [..., C, C], strictly lower
-    rhs = write - (eta * log_gamma_prev.exp())[..., None] * (unit @ weight.transpose(-1, -2))  # [..., C, O]
-    pseudo = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-    tail = (log_gamma[..., -1:] - log_gamma).exp()  # gamma_C / gamma_s, [..., C]
-    return log_gamma[..., -1, None, None].exp() * weight + (pseudo * tail[..., None]).transpose(-1, -2) @ unit
+    return ChunkSolve(weight, unit, write_per_eta, eta, log_alpha).end()
 
 
 def _masked(eta: torch.Tensor, alpha: torch.Tensor, active: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -269,20 +322,64 @@ def _memory_chunk_update(
     eta: torch.Tensor,
     log_alpha: torch.Tensor,
     rule: MemoryRule,
-) -> MemoryState:
+    target_key: Optional[torch.Tensor] = None,
+    token_reads: bool = False,
+):
     """One chunk of DGD on one (possibly stacked) memory; the gradients are taken at `start`.
-    A linear memory on CUDA runs through fla's gated-delta-rule kernel (`ops_fla`)."""
-    terms = dgd_terms(start, key, target, rule.activation, rule.eps)
-    if "W" in current:
-        update = fla_dgd_chunk if use_fla(current["W"]) else dgd_chunk
-        return {"W": update(current["W"], *terms["W"], eta, log_alpha)}
-    if current["W1"].shape == current["W2"].shape and key.shape[-2] > 1:  # both layers in one solve
-        both = dgd_chunk(
+    A linear memory on CUDA runs through fla's gated-delta-rule kernel (`ops_fla`) unless the
+    per-token reads are wanted. `target_key`: the key of a self-generated target (`step_bound`).
+
+    Returns the end state, or with `token_reads` a `(end state, solves)` pair: each weight's
+    `ChunkSolve`, whose `reads` give the per-token states' reads (`_token_reads`)."""
+    terms = dgd_terms(start, key, target, rule.activation, rule.eps, target_key, eta)
+    if "W" in current and not token_reads and use_fla(current["W"]):
+        return {"W": fla_dgd_chunk(current["W"], *terms["W"], eta, log_alpha)}
+    if "W1" in current and current["W1"].shape == current["W2"].shape and key.shape[-2] > 1:  # both layers in one solve
+        both = ChunkSolve(
             torch.cat([current["W1"], current["W2"]]), torch.cat([terms["W1"][0], terms["W2"][0]]),
             torch.cat([terms["W1"][1], terms["W2"][1]]), torch.cat([eta, eta]), torch.cat([log_alpha, log_alpha]),
         )
-        return dict(zip(("W1", "W2"), both.chunk(2)))
-    return {name: dgd_chunk(current[name], unit, write, eta, log_alpha) for name, (unit, write) in terms.items()}
+        end = dict(zip(("W1", "W2"), both.end().chunk(2)))
+        if not token_reads:
+            return end
+        return end, {name: _SolvePart(both, i, 2) for i, name in enumerate(("W1", "W2"))}
+    solves = {name: ChunkSolve(current[name], unit, write, eta, log_alpha) for name, (unit, write) in terms.items()}
+    end = {name: solve.end() for name, solve in solves.items()}
+    return (end, solves) if token_reads else end
+
+
+class _SolvePart:
+    """One of `parts` problems stacked on dim 0 of a `ChunkSolve`, read on its own."""
+
+    def __init__(self, solve: ChunkSolve, index: int, parts: int) -> None:
+        self.solve, self.index, self.parts = solve, index, parts
+
+    def _piece(self, x: torch.Tensor) -> torch.Tensor:
+        return x.chunk(self.parts)[self.index]
+
+    def reads(self, z: torch.Tensor) -> torch.Tensor:
+        return self._as_solve().reads(z)
+
+    def reads_at(self, z: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return self._as_solve().reads_at(z, slots)
+
+    def _as_solve(self) -> ChunkSolve:
+        view = ChunkSolve.__new__(ChunkSolve)
+        for name in ("weight", "unit", "log_gamma", "log_gamma_prev", "pseudo"):
+            setattr(view, name, self._piece(getattr(self.solve, name)))
+        view.decay = None if self.solve.decay is None else self._piece(self.solve.decay)
+        return view
+
+
+def _token_reads(solves, z: torch.Tensor, act: str, slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`M_{t-1}(z_t)`: the memory read at the state before each token's update (paper Eq. 88), from the
+    chunk's solves. A deep memory reads its W2 layer, then its W1 layer, each at the per-token state:
+    `z + W1_{t-1} act(W2_{t-1} z)`. z: [..., C, D]; with `slots` [...], single vectors z [..., D] read
+    at those chunk slots."""
+    read = (lambda solve, x: solve.reads(x)) if slots is None else (lambda solve, x: solve.reads_at(x, slots))
+    if "W" in solves:
+        return read(solves["W"], z)
+    return z + read(solves["W1"], activation(act, read(solves["W2"], z)))
 
 
 def scan_chunks(step, carry: MemoryState, pieces: List, remat: bool) -> Tuple[MemoryState, List]:
@@ -367,24 +464,35 @@ def _run_main_memory(
     eta, alpha = (_flat(x.transpose(1, 2).to(dtype), 2) for x in (eta, alpha))  # [B*H, L]
     start = {w: _flat(t.expand(batch, *shape[w]), 2) for w, t in start.items()}  # [B*H, O, I]
     current = {w: _flat(t.expand(batch, *shape[w]), 2) for w, t in current.items()}
+    token_reads = rule.memory_read == "token" and rule.updates
+
     def step(carry: MemoryState, piece):
         start, current = _split_state(carry, "start."), _split_state(carry, "current.")
-        seg, completes, pads, (q_c, key_c, value_c, eta_c, alpha_c) = piece
-        out = memory_read_chunk(start, q_c, rule.activation)
+        seg, completes, pads, pad_slots, (q_c, key_c, value_c, eta_c, alpha_c) = piece
         pad_read = None
-        if pads is not None:
-            per_sample = {w: t.view(batch, *shape[w]) for w, t in start.items()}
-            pad_read = _read_at(per_sample, pad_queries[pads], pads[0], rule)
+        if not token_reads:  # reads at the chunk-start state (paper Eq. 90)
+            out = memory_read_chunk(start, q_c, rule.activation)
+            if pads is not None:
+                per_sample = {w: t.view(batch, *shape[w]) for w, t in start.items()}
+                pad_read = _read_at(per_sample, pad_queries[pads], pads[0], rule)
         if rule.updates:
             target = memory_read_chunk(start, value_c, rule.activation) if self_generated else value_c
             active = grid.segment_active(seg)
             eta_c, log_alpha_c = _masked(eta_c, alpha_c, None if active is None else active.repeat_interleave(heads, 0))
-            current = _memory_chunk_update(start, current, key_c, target, eta_c, log_alpha_c, rule)
+            updated = _memory_chunk_update(start, current, key_c, target, eta_c, log_alpha_c, rule,
+                                           value_c if self_generated else None, token_reads)
+            if token_reads:  # reads at the state before each token's update (paper Eq. 88)
+                updated, solves = updated
+                out = _token_reads(solves, q_c, rule.activation)
+                if pads is not None:
+                    pad_read = _pad_token_reads(solves, pad_queries[pads].to(dtype), pads[0], pad_slots, heads, rule)
+            current = updated
             start = select_where(_per_problem(completes, heads), current, start)
         carry = {**{f"start.{w}": t for w, t in start.items()}, **{f"current.{w}": t for w, t in current.items()}}
         return carry, (out, pad_read)
 
-    pieces = list(zip(grid.segments, grid.completes, grid.pads, zip(*(grid.split(x) for x in (q, key, value, eta, alpha)))))
+    pieces = list(zip(grid.segments, grid.completes, grid.pads, grid.pad_slots,
+                      zip(*(grid.split(x) for x in (q, key, value, eta, alpha)))))
     carry = {**{f"start.{w}": t for w, t in start.items()}, **{f"current.{w}": t for w, t in current.items()}}
     carry, results = scan_chunks(step, carry, pieces, _remat(rule, pieces, q, key, value, *current.values()))
     start, current = _split_state(carry, "start."), _split_state(carry, "current.")
@@ -393,6 +501,25 @@ def _run_main_memory(
     o = o.reshape(batch, heads, -1, q.shape[-1]).transpose(1, 2)  # [B, L, H, D]
     unflat = lambda state: {w: t.view(batch, *shape[w]) for w, t in state.items()}  # noqa: E731
     return o, pad_reads, unflat(start), unflat(current)
+
+
+def _pad_token_reads(solves, z: torch.Tensor, samples: torch.Tensor, slots: torch.Tensor, heads: int,
+                     rule: MemoryRule) -> torch.Tensor:
+    """Per-token reads of padding tokens: z [P, H, D] of samples [P] at segment slots [P] (a pad reads
+    the state its sample's next real token reads) -> [P, H, D]. The solves are flattened per
+    (sample, head): problem `sample * H + h`."""
+    problems = samples[:, None] * heads + torch.arange(heads, device=samples.device)  # [P, H]
+
+    def pick(solve):
+        view = ChunkSolve.__new__(ChunkSolve)
+        base = solve._as_solve() if isinstance(solve, _SolvePart) else solve
+        for name in ("weight", "unit", "log_gamma", "log_gamma_prev", "pseudo"):
+            setattr(view, name, getattr(base, name)[problems])
+        view.decay = None if base.decay is None else base.decay[problems]
+        return view
+
+    return _token_reads({w: pick(solve) for w, solve in solves.items()}, z, rule.activation,
+                        slots[:, None].expand(-1, heads))
 
 
 def _read_at(state: MemoryState, z: torch.Tensor, samples: torch.Tensor, rule: MemoryRule) -> torch.Tensor:
@@ -499,7 +626,8 @@ def self_modifying_chunked(
             targets = memory_read_chunk(proj_start, per_memory(v_unit), rule.activation)  # [B*4*H, C, D]
             eta_m, log_alpha_m = _masked(eta_c, alpha_c, grid.segment_active(seg))
             proj_current = _memory_chunk_update(
-                proj_start, proj_current, per_memory(k_c), targets, per_memory(eta_m), per_memory(log_alpha_m), rule
+                proj_start, proj_current, per_memory(k_c), targets, per_memory(eta_m), per_memory(log_alpha_m), rule,
+                per_memory(v_unit),
             )
             proj_start = select_where(_per_problem(completes, copies * heads), proj_current, proj_start)
         carry = {**{f"start.{w}": t for w, t in proj_start.items()}, **{f"current.{w}": t for w, t in proj_current.items()}}

@@ -14,6 +14,10 @@ which is the same recurrence with `k = u`, `g = log alpha`, `beta = eta / alpha`
 `v = alpha * r` (so that `beta * v = w`, without dividing by eta). Padding and fillers have
 `eta = 0, alpha = 1`: `beta = 0, g = 0`, a no-op.
 
+Only the end state is taken from fla: with `memory_read="token"` the main memory's per-token reads
+`M_{t-1}(q_t)` come from the torch solve (`ops_chunked.ChunkSolve.reads`), since fla's outputs
+`h_t^T q_t` include token t's own write.
+
 `gated_delta_inputs` is the mapping (pure torch, tested on CPU against
 `fla.ops.gated_delta_rule.naive`); `fla_dgd_chunk` runs `chunk_gated_delta_rule` on it. fla is
 imported lazily: nothing here is needed on CPU.

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .memory_hope import MemoryState, dgd_step, l2norm, memory_gradients, memory_read, select_state
+from .memory_hope import MemoryState, dgd_step, l2norm, memory_gradients, memory_read, select_state, step_bound
 
 MemoryStates = Dict[str, MemoryState]
 
@@ -35,6 +35,10 @@ class MemoryRule:
     # Fast path only: training over more chunks than this recomputes the scan in the backward
     # (None: never). Results are identical either way.
     recompute_above: Optional[int] = None
+    # Where the main memory M_mem is read: "token" reads the current state, `o_t = M_{t-1}(q_t)`
+    # (paper Eq. 88); "chunk" reads the state at the start of the token's chunk (paper Eq. 90).
+    # Either way the inner gradients are taken at the chunk-start state (as Titans trains).
+    memory_read: str = "chunk"
 
 
 def _advance(
@@ -51,6 +55,13 @@ def _advance(
     current[name] = select_state(active, new_current, current[name])
     boundary = active & (counter_after % chunk == 0)
     start[name] = select_state(boundary, current[name], start[name])
+
+
+def _bound(state: MemoryState, key: torch.Tensor, target_key, eta: torch.Tensor, act: str) -> MemoryState:
+    """`memory_hope.step_bound` for one token: key, target_key [B, H, D], eta [B, H] -> [B, H]."""
+    factors = step_bound(state, key.unsqueeze(-2), None if target_key is None else target_key.unsqueeze(-2),
+                         eta.unsqueeze(-1), act)
+    return {name: f.squeeze(-1) for name, f in factors.items()}
 
 
 def self_modifying_scan(
@@ -71,6 +82,9 @@ def self_modifying_scan(
 ) -> Tuple[torch.Tensor, MemoryStates, MemoryStates]:
     """Self-modifying Titans (paper Eq. 83-91), one token at a time.
 
+    Every memory's inner gradient (and its `step_bound`) is taken at its chunk-start state; the main
+    memory is read at the current state `M_{t-1}` with `rule.memory_read == "token"`.
+
     a, q: [B, T, H, D] (non-adaptive features and l2-normalised queries); mask: [B, T] bool;
     seen: [B]; readouts [H, D], biases [H]. `start`/`current`: memory name -> state, names
     `k, v, eta, alpha, mem`. Returns the reads `o` [B, T, H, D] and the end states.
@@ -81,7 +95,8 @@ def self_modifying_scan(
     outputs = []
     for t in range(a.shape[1]):
         a_t, q_t, active = a[:, t], q[:, t], mask[:, t]
-        # Every read and self-generated value uses the chunk-start state (paper Eq. 90).
+        # Every read and self-generated value uses the chunk-start state (paper Eq. 90), except the
+        # main memory's read with memory_read="token": the current state M_{t-1} (paper Eq. 88).
         k_t = l2norm(memory_read(start["k"], a_t, rule.activation), rule.eps)
         v_t = memory_read(start["v"], a_t, rule.activation)
         eta_t = eta_max * torch.sigmoid(
@@ -90,7 +105,8 @@ def self_modifying_scan(
         alpha_t = torch.sigmoid(
             (memory_read(start["alpha"], a_t, rule.activation) * alpha_readout).sum(-1) + alpha_bias
         )
-        outputs.append(memory_read(start["mem"], q_t, rule.activation))
+        read_state = current["mem"] if rule.memory_read == "token" else start["mem"]
+        outputs.append(memory_read(read_state, q_t, rule.activation))
         if not rule.updates:
             continue
         counter = counter + active.long()
@@ -101,7 +117,8 @@ def self_modifying_scan(
         for name in start:
             target = memory_read(start[name], v_unit, rule.activation)  # self-generated value
             grads, inputs = memory_gradients(start[name], k_t, target, rule.activation)
-            new = dgd_step(current[name], grads, inputs, eta_t, alpha_t, rule.eps)
+            bound = _bound(start[name], k_t, v_unit, eta_t, rule.activation)  # stop-gradient, 1 at init
+            new = dgd_step(current[name], grads, inputs, eta_t, alpha_t, rule.eps, bound)
             _advance(name, chunks[name], start, current, new, active, counter)
     return torch.stack(outputs, dim=1), start, current
 
@@ -127,12 +144,14 @@ def titans_scan(
     outputs = []
     for t in range(q.shape[1]):
         active = mask[:, t]
-        outputs.append(memory_read(start["mem"], q[:, t], rule.activation))
+        read_state = current["mem"] if rule.memory_read == "token" else start["mem"]
+        outputs.append(memory_read(read_state, q[:, t], rule.activation))
         if not rule.updates:
             continue
         counter = counter + active.long()
         grads, inputs = memory_gradients(start["mem"], k[:, t], v[:, t], rule.activation)
-        new = dgd_step(current["mem"], grads, inputs, eta[:, t], alpha[:, t], rule.eps)
+        bound = _bound(start["mem"], k[:, t], None, eta[:, t], rule.activation)  # stop-gradient, 1 at init
+        new = dgd_step(current["mem"], grads, inputs, eta[:, t], alpha[:, t], rule.eps, bound)
         _advance("mem", memory_chunk_size, start, current, new, active, counter)
     return torch.stack(outputs, dim=1), start, current
 

@@ -7,6 +7,11 @@ Subcommands (each writes `<suite>.json`, `<suite>.csv` and `<suite>.png` into `-
     python scripts/synthetic.py mqar     # multi-query associative recall at several numbers of key-value pairs
     python scripts/synthetic.py niah     # needle in a haystack of Paul Graham essays, several context lengths
     python scripts/synthetic.py all      # the three, one after the other
+    python scripts/synthetic.py mqar --lrs 1e-3 3e-3 1e-2 --seeds 0 1   # the sweep (issue 12):
+        # every model at every learning rate and seed (same batches per seed), accuracy every
+        # --eval-every steps; the best learning rate per model (mean over seeds) is reported with both
+        # seeds, at equal steps and at equal training wall-clock, in `<suite>_sweep.{json,csv}` and
+        # `<suite>_steps.png` / `<suite>_clock.png` (accuracy vs step / vs seconds, one line per model)
 
 For every task both models are built with the same vocabulary, width, depth, heads and parameter count
 (`hope_hf.experiments.hope_and_llama`) and trained by the same loop (`hope_hf.experiments.train_model`:
@@ -50,8 +55,9 @@ from hope_hf.training import add_config_arguments, config_overrides, count_param
 
 SUITES = ("formal", "mqar", "niah")
 #: HOPE's defaults for the synthetic suites (override with the HopeConfig flags).
-HOPE_DEFAULTS = dict(hidden_size=64, num_hidden_layers=2, num_heads=4, chunk_size=8, memory_chunk_size=8,
-                     cms_chunk_sizes=[8, None])
+#: (Since issue 12 the main memory is read at the per-token state, so the model's default chunk sizes
+#: 16/64 recall on short prompts; before, the suites used 8/8 so that a 64-token prompt could read anything.)
+HOPE_DEFAULTS = dict(hidden_size=64, num_hidden_layers=2, num_heads=4, cms_chunk_sizes=[8, None])
 #: Per-suite default budgets (override with --steps / --batch-size / --lr).
 SUITE_BUDGETS = {"formal": dict(steps=300, batch_size=32, lr=3e-3), "mqar": dict(steps=300, batch_size=32, lr=3e-3),
                  "niah": dict(steps=300, batch_size=16, lr=3e-3)}
@@ -68,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock cap of each training run")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help="sweep: learning rates per model (the best one, by mean accuracy over seeds, is reported)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="sweep: seeds (model init and batches)")
+    parser.add_argument("--eval-every", type=int, default=100, help="sweep: steps between accuracy evaluations")
     formal = parser.add_argument_group("formal")
     formal.add_argument("--languages", nargs="+", default=None, help="default: all seven")
     formal.add_argument("--num-train", type=int, default=4000, help="training strings per language")
@@ -99,6 +109,84 @@ def hope_config(args: argparse.Namespace, vocab_size: int, pad_token_id: int) ->
 def budget_for(suite: str, args: argparse.Namespace) -> TrainBudget:
     given = {k: getattr(args, k) for k in ("steps", "batch_size", "lr") if getattr(args, k) is not None}
     return TrainBudget(**{**SUITE_BUDGETS[suite], **given}, seed=args.seed, bf16=args.bf16, minutes=args.minutes)
+
+
+def sweep(args: argparse.Namespace, config: HopeConfig, max_positions: int, train_set, collate, budget: TrainBudget,
+          evaluate: Callable[[torch.nn.Module], float], task: dict[str, Any], out: Path, stem: str) -> list[dict[str, Any]]:
+    """Every model of `args.models` at every `args.lrs` and `args.seeds` (a seed fixes the init and the batches,
+    so all models see the same batches), `evaluate` every `args.eval_every` steps. Writes one row per run
+    (with its curve: step, training seconds without evaluation, accuracy) and one summary row per model: the
+    best learning rate by mean final accuracy over seeds, both seeds' accuracies, and the accuracy at equal
+    wall-clock (the shortest best-lr run's training time; the last evaluation before it). Returns the summary."""
+    from dataclasses import replace
+
+    runs = []
+    for seed in args.seeds:
+        for lr in args.lrs:
+            for name, model in hope_and_llama(config, max_positions, seed=seed).items():
+                if name not in args.models:
+                    continue
+                curve, clock = [], {"start": time.perf_counter(), "evaluating": 0.0}
+
+                def on_step(step, m, curve=curve, clock=clock):
+                    if step % args.eval_every and step != budget.steps:
+                        return
+                    trained = time.perf_counter() - clock["start"] - clock["evaluating"]
+                    began = time.perf_counter()
+                    curve.append((step, round(trained, 2), round(evaluate(m), 4)))
+                    m.train()
+                    clock["evaluating"] += time.perf_counter() - began
+
+                run_budget = replace(budget, lr=lr, seed=seed)
+                summary = train_model(model, train_set, collate, run_budget, desc=f"{name} lr={lr} seed={seed}",
+                                      on_step=on_step)
+                if not curve or curve[-1][0] != summary["steps"]:  # diverged or cut short: evaluate where it stopped
+                    curve.append((summary["steps"], round(time.perf_counter() - clock["start"] - clock["evaluating"], 2),
+                                  round(evaluate(model), 4)))
+                row = {**task, "model": name, "lr": lr, "seed": seed, "parameters": count_parameters(model),
+                       "steps": summary["steps"], "train_seconds": curve[-1][1], "accuracy": curve[-1][2],
+                       "final_train_loss": round(summary["final_train_loss"], 4),
+                       "diverged_at_step": summary["diverged_at_step"], "curve": curve}
+                print("  " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "curve"), flush=True)
+                runs.append(row)
+                write_table(out, f"{stem}_runs", runs, {"task": task, "budget": budget, "command": " ".join(sys.argv)})
+    best = {}
+    for name in args.models:
+        mine = [r for r in runs if r["model"] == name]
+        mean = {lr: sum(r["accuracy"] for r in mine if r["lr"] == lr) / len(args.seeds) for lr in args.lrs}
+        best[name] = max(args.lrs, key=lambda lr: mean[lr])
+    chosen = {name: [r for r in runs if r["model"] == name and r["lr"] == best[name]] for name in args.models}
+    budget_clock = min(r["train_seconds"] for rows in chosen.values() for r in rows)
+
+    def at_clock(curve):
+        before = [acc for _, seconds, acc in curve if seconds <= budget_clock]
+        return before[-1] if before else 0.0
+
+    summary = []
+    for name, rows in chosen.items():
+        accs = [r["accuracy"] for r in rows]
+        clocked = [at_clock(r["curve"]) for r in rows]
+        summary.append({**task, "model": name, "best_lr": best[name], "steps": rows[0]["steps"],
+                        "accuracy_mean": round(sum(accs) / len(accs), 4), "accuracy_seeds": accs,
+                        "equal_clock_seconds": budget_clock, "accuracy_at_equal_clock_mean": round(sum(clocked) / len(clocked), 4),
+                        "accuracy_at_equal_clock_seeds": clocked,
+                        "train_seconds_mean": round(sum(r["train_seconds"] for r in rows) / len(rows), 1)})
+        print("  best: " + ", ".join(f"{k}={v}" for k, v in summary[-1].items()), flush=True)
+
+    def mean_curve(rows, axis):
+        points = list(zip(*[r["curve"] for r in rows]))
+        return ([sum(p[axis] for p in pts) / len(pts) for pts in points],
+                [sum(p[2] for p in pts) / len(pts) for pts in points])
+
+    label = " ".join(f"{k}={v}" for k, v in task.items())
+    plot_lines(out / f"{stem}_steps.png", {f"{n} (lr {best[n]:g})": mean_curve(rows, 0) for n, rows in chosen.items()},
+               xlabel="training step", ylabel="accuracy (mean over seeds)", title=f"{stem} {label}: accuracy vs step")
+    plot_lines(out / f"{stem}_clock.png", {f"{n} (lr {best[n]:g})": mean_curve(rows, 1) for n, rows in chosen.items()},
+               xlabel="training seconds (1 CPU thread, evaluation excluded)", ylabel="accuracy (mean over seeds)",
+               title=f"{stem} {label}: accuracy vs wall-clock")
+    write_table(out, f"{stem}_sweep", summary, {"task": task, "budget": budget, "lrs": args.lrs, "seeds": args.seeds,
+                                                 "command": " ".join(sys.argv), "hope_config": config.to_diff_dict()})
+    return summary
 
 
 def compare(args: argparse.Namespace, config: HopeConfig, max_positions: int, train_set, collate, budget: TrainBudget,
@@ -168,12 +256,18 @@ def run_mqar(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
         train = generate_mqar(args.mqar_train, seed=args.seed, **common)
         test = generate_mqar(500, seed=args.seed + 1, **common)
         print(f"MQAR: {pairs} key-value pairs, sequences of {args.mqar_seq_len} tokens", flush=True)
+        if args.lrs:
+            rows += sweep(args, config, args.mqar_seq_len, train, collate, budget,
+                          lambda m: evaluate_accuracy(m, test, collate, masked_next_token_accuracy, bf16=args.bf16),
+                          {"kv_pairs": pairs}, out, f"mqar{pairs}")
+            continue
         rows += compare(args, config, args.mqar_seq_len, train, collate, budget,
                         {"accuracy": lambda m: evaluate_accuracy(m, test, collate, masked_next_token_accuracy,
                                                                  bf16=args.bf16)},
                         {"kv_pairs": pairs})
+    key = "accuracy_mean" if args.lrs else "accuracy"
     plot_grouped_bars(out / "mqar.png", [f"{p} pairs" for p in args.kv_pairs],
-                      {m: [r["accuracy"] for r in rows if r["model"] == m] for m in args.models},
+                      {m: [r[key] for r in rows if r["model"] == m] for m in args.models},
                       ylabel="recall accuracy", reference=2 / args.mqar_vocab,
                       title=f"MQAR, {args.mqar_seq_len} tokens, {budget.steps} steps")
     return rows
@@ -223,6 +317,10 @@ RUNNERS = {"formal": run_formal, "mqar": run_mqar, "niah": run_niah}
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, list[dict[str, Any]]]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.lrs and not args.seeds:
+        args.seeds = [args.seed]
+    if args.lrs and args.suite != "mqar":
+        parser.error("--lrs (the sweep) is implemented for the mqar suite")
     try:
         hope_config(args, 16, 0)
     except ValueError as err:

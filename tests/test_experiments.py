@@ -210,3 +210,23 @@ def test_eval_ppl_streams_long_documents_exactly(tmp_path, monkeypatch):
     assert sum(r["tokens"] for r in result["rows"]) == 2 * 40
     with pytest.raises(SystemExit):
         script.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "eval")])
+
+
+def test_synthetic_mqar_sweep_reports_best_lr_both_seeds_and_equal_clock(tmp_path):
+    """The issue-12 sweep: every model at every lr and seed, best lr by mean accuracy, both seeds, the
+    accuracy at equal training wall-clock, accuracy-vs-step and vs-seconds plots."""
+    script = load_script("synthetic")
+    results = script.main(["mqar", "--out", str(tmp_path), "--steps", "4", "--batch-size", "4", "--kv-pairs", "2",
+                           "--mqar-seq-len", "16", "--mqar-vocab", "16", "--mqar-train", "20", "--lrs", "1e-3", "3e-3",
+                           "--seeds", "0", "1", "--eval-every", "2", *TINY_HOPE_FLAGS])
+    summary = results["mqar"]
+    assert [r["model"] for r in summary] == ["HOPE", "Llama"]
+    runs = json.loads((tmp_path / "mqar2_runs.json").read_text())["rows"]
+    assert len(runs) == 2 * 2 * 2 and all([step for step, _, _ in r["curve"]] == [2, 4] for r in runs)
+    for row in summary:
+        mine = [r for r in runs if r["model"] == row["model"] and r["lr"] == row["best_lr"]]
+        assert row["accuracy_seeds"] == [r["accuracy"] for r in mine]
+        assert row["equal_clock_seconds"] == min(r["train_seconds"] for s in summary for r in runs
+                                                 if r["model"] == s["model"] and r["lr"] == s["best_lr"])
+    for stem in ("mqar2_sweep.json", "mqar2_sweep.csv", "mqar2_steps.png", "mqar2_clock.png", "mqar.png"):
+        assert (tmp_path / stem).stat().st_size > 0, stem

@@ -35,6 +35,7 @@ def random_config(draw_seed: int, **overrides):
         cms_chunk_sizes=pick([[2, 7, None], [3], [1, None], [4, 5]]),
         cms_variant=pick(["sequential", "independent"]),
         memory_hidden_size=pick([None, 5]),
+        memory_read=pick(["token", "chunk"]),
     )
     kwargs.update(overrides)
     return kwargs
@@ -85,10 +86,39 @@ def test_fast_equals_reference_float32(mixer, memory_type):
     compare(model, ids, mask, [9, 10, 27], 1e-4)
 
 
+@pytest.mark.parametrize("mixer", ["self_modifying", "titans"])
+@pytest.mark.parametrize("memory_type", ["deep", "linear"])
+@pytest.mark.parametrize("memory_read", ["token", "chunk"])
+def test_fast_equals_reference_both_reads(mixer, memory_type, memory_read):
+    """Per-token reads of the main memory (`o_t = M_{t-1}(q_t)`, intra-chunk reads as masked matmuls
+    through both layers of a deep memory) and chunk-start reads, with long chunks, left padding that
+    spans a chunk boundary and single-token decoding: chunked == reference (float64, 1e-10)."""
+    model = tiny_model(seed=17, dtype=torch.float64, mixer=mixer, memory_type=memory_type, memory_read=memory_read,
+                       chunk_size=4, memory_chunk_size=8, memory_hidden_size=6)
+    ids, mask = padded_batch(18, 30, [0, 3, 11])
+    compare(model, ids, mask, [5, 13, 14, 22, 23], 1e-10)
+
+
+def test_token_reads_see_the_last_write():
+    """With memory_read="token" a write is visible to the next token inside a chunk: changing the first
+    token moves the main memory's read at token 2 (chunk of 64), which chunk-start reads cannot do."""
+    reach = {}
+    for memory_read in ("token", "chunk"):
+        model = tiny_model(seed=3, dtype=torch.float64, memory_read=memory_read, memory_chunk_size=64,
+                           conv_window=1, num_hidden_layers=1, cms_chunk_sizes=[None])
+        ids = torch.randint(3, 61, (1, 6), generator=torch.Generator().manual_seed(4))
+        other = ids.clone()
+        other[0, 0] = 3 if int(ids[0, 0]) != 3 else 4
+        with torch.no_grad():
+            reach[memory_read] = float((model(ids).logits[0, 2] - model(other).logits[0, 2]).abs().max())
+    assert reach["chunk"] < 1e-12 < 1e-6 < reach["token"]
+
+
+@pytest.mark.parametrize("memory_read", ["token", "chunk"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_fast_gradients_equal_reference(seed):
+def test_fast_gradients_equal_reference(seed, memory_read):
     """The outer gradient through every in-context update: same for both paths (float64)."""
-    overrides = random_config(100 + seed)
+    overrides = random_config(100 + seed, memory_read=memory_read)
     grads = {}
     for name in ("chunked", "reference"):
         model = tiny_model(seed=seed, dtype=torch.float64, **overrides).train()
@@ -104,8 +134,10 @@ def test_fast_gradients_equal_reference(seed):
 
 
 def test_gradcheck_chunked():
+    # key_value_init_range 0.02 (SPEC section 9): every stop-gradient step factor is 1, so the analytic
+    # gradient is the full derivative (with the default 0.3, M_k/M_v's W2 step bound is active at init).
     model = tiny_model(seed=4, dtype=torch.float64, mixer="self_modifying", memory_type="deep",
-                       cms_chunk_sizes=[3], num_hidden_layers=1).train()
+                       cms_chunk_sizes=[3], num_hidden_layers=1, key_value_init_range=0.02).train()
     ids = torch.randint(3, 61, (1, 9), generator=torch.Generator().manual_seed(5))
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
     probe = torch.randn(1, 9, 61, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
@@ -224,7 +256,7 @@ def test_gradients_through_a_cache_equal_reference(cuts):
     """Training across calls (truncated BPTT with a cache): the open chunk's buffered inputs and
     the carried fast weights pass gradients back to the earlier call, as in the reference."""
     overrides = dict(mixer="self_modifying", memory_type="deep", cms_chunk_sizes=[4, 6, None], chunk_size=3,
-                     memory_chunk_size=4)
+                     memory_chunk_size=4, memory_read="token" if len(cuts) > 1 else "chunk")
     ids = torch.randint(3, 61, (2, 18), generator=torch.Generator().manual_seed(sum(cuts)))
     grads = {}
     for name in ("chunked", "reference"):

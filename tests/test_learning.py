@@ -46,16 +46,21 @@ def test_swiglu_gradients_match_autograd():
         torch.testing.assert_close(hand[name], g, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("memory_read", ["token", "chunk"])
 @pytest.mark.parametrize("mixer", ["self_modifying", "titans"])
-def test_logits_differ_without_in_context_updates(mixer):
+def test_logits_differ_without_in_context_updates(mixer, memory_read):
     x = ids(seed=2, length=20)
-    on = tiny_model(seed=3, mixer=mixer)
-    off = HopeForCausalLM(tiny_config(mixer=mixer, in_context_updates=False)).eval()
+    on = tiny_model(seed=3, mixer=mixer, memory_read=memory_read)
+    off = HopeForCausalLM(tiny_config(mixer=mixer, memory_read=memory_read, in_context_updates=False)).eval()
     off.load_state_dict(on.state_dict())
     with torch.no_grad():
         a, b = on(x).logits, off(x).logits
-    # Before the first chunk completes, both models read the same (initial) state ...
-    torch.testing.assert_close(a[:, :2], b[:, :2])
+    # Before the first write is visible (the first chunk's end for chunk-start reads (C = 3), the second
+    # token for per-token reads of M_mem), both models read the same (initial) state ...
+    same = 2 if memory_read == "chunk" else 1
+    torch.testing.assert_close(a[:, :same], b[:, :same])
+    if memory_read == "token":  # ... a write is visible to the next token
+        assert (a[:, 1] - b[:, 1]).abs().max() > 1e-6
     # ... afterwards, in-context updates change what the model predicts.
     assert (a[:, 10:] - b[:, 10:]).abs().max() > 1e-3
 
