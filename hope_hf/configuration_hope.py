@@ -20,6 +20,13 @@ SCAN_IMPLEMENTATIONS = ("chunked", "reference")
 MEMORY_READS = ("token", "chunk")
 
 
+# Fields whose default changed after hope-hf 0.1.0 in a way that changes what a model computes (not
+# just how it is initialised), with the value 0.1.0 computed with. A saved config that lacks one
+# (`HopeConfig.from_dict`), or a v1 adapter's `hope_kwargs`, gets that value, so a checkpoint keeps
+# computing what it computed when it was saved.
+LEGACY_DEFAULTS = {"memory_read": "chunk", "eta_max": 0.5}
+
+
 class HopeConfig(PretrainedConfig):
     r"""Configuration of a [`HopeModel`] / [`HopeForCausalLM`].
 
@@ -259,6 +266,13 @@ class HopeConfig(PretrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"HopeConfig.{name} must be a positive float, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "HopeConfig":
+        """`PretrainedConfig.from_dict` (what `from_pretrained` calls), where a field that a saved
+        config lacks takes the value the version that saved it computed with (`LEGACY_DEFAULTS`),
+        not today's default: a checkpoint keeps computing what it computed when it was saved."""
+        return super().from_dict({**LEGACY_DEFAULTS, **config_dict}, **kwargs)
 
     def state_signature(self) -> dict:
         """The fields that fix the shapes and meaning of a `HopeCache`: a cache made for one

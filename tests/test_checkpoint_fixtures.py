@@ -44,3 +44,15 @@ def test_saved_llama_adapter_gives_its_saved_logits():
     with torch.no_grad():
         logits = model(probes["input_ids"]).logits
     torch.testing.assert_close(logits, probes["logits"], rtol=0, atol=1e-12)
+
+
+def test_legacy_defaults_apply_only_to_configs_saved_without_the_field(tmp_path):
+    from hope_hf import HopeConfig
+    from hope_hf.configuration_hope import LEGACY_DEFAULTS
+
+    old = HopeConfig.from_pretrained(FIXTURES / "self_modifying-deep")  # saved by 0.1.0: no memory_read
+    assert old.memory_read == LEGACY_DEFAULTS["memory_read"]
+    new = HopeConfig(vocab_size=61, hidden_size=16, num_heads=2, num_hidden_layers=1)
+    assert new.memory_read != LEGACY_DEFAULTS["memory_read"]  # today's default
+    new.save_pretrained(tmp_path)
+    assert HopeConfig.from_pretrained(tmp_path).to_dict() == new.to_dict()  # saved explicitly, kept

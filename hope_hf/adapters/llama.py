@@ -43,7 +43,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP
 from transformers.utils.generic import can_return_tuple
 
 from ..cache_hope import HopeCacheLayer, signature_diff
-from ..configuration_hope import MEMORY_TYPES, HopeConfig
+from ..configuration_hope import LEGACY_DEFAULTS, MEMORY_TYPES, HopeConfig
 from ..hf_compat import CACHE_NAME, generation_cache, resolve_cache
 from ..modeling_hope import (
     CMSLevel,
@@ -58,7 +58,10 @@ LayerState = Dict[str, torch.Tensor]
 
 ADAPTER_CONFIG_NAME = "hope_adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "hope_adapter.safetensors"
-_FORMAT = "hope-adapter-v1"
+_FORMAT = "hope-adapter-v2"
+# v1 was written before `HopeConfig.memory_read` existed: its modules computed with the values of
+# `LEGACY_DEFAULTS`, which loading puts into its `hope_kwargs`.
+_LEGACY_FORMAT = "hope-adapter-v1"
 
 # HopeConfig fields that the adapter sets itself (from the base model or its own fields): they
 # may not appear in `HopeAdapterConfig.hope_kwargs`.
@@ -701,8 +704,11 @@ def load_hope_adapter(model: LlamaForCausalLM, directory: Union[str, os.PathLike
     with open(config_path) as f:
         text = f.read().strip()
     payload = json.loads(text)
-    if payload.get("format") != _FORMAT:
+    if payload.get("format") not in (_FORMAT, _LEGACY_FORMAT):
         raise ValueError(f"{config_path} is not a HOPE adapter config (format={payload.get('format')!r})")
+    adapter_config = dict(payload["adapter_config"])
+    if payload["format"] == _LEGACY_FORMAT:
+        adapter_config["hope_kwargs"] = {**LEGACY_DEFAULTS, **adapter_config.get("hope_kwargs", {})}
     if isinstance(model, nn.Module) and hasattr(model, "config"):
         expected = base_signature(model.config)
         if payload["base_signature"] != expected:
@@ -713,7 +719,7 @@ def load_hope_adapter(model: LlamaForCausalLM, directory: Union[str, os.PathLike
             raise ValueError(f"{weights_path} and {config_path} do not belong to the same save (an interrupted "
                              f"save?); save the adapter again")
         tensors = {key: f.get_tensor(key) for key in f.keys()}
-    hope = apply_hope_adapter(model, HopeAdapterConfig.from_dict(payload["adapter_config"]))
+    hope = apply_hope_adapter(model, HopeAdapterConfig.from_dict(adapter_config))
     params = dict(hope.adapter_named_parameters())
     if set(params) != set(tensors):
         raise ValueError(f"The adapter weights do not match its config: missing {sorted(set(params) - set(tensors))}, "
