@@ -44,7 +44,9 @@ def _in_state_dtype(name: str, tensor: torch.Tensor) -> bool:
 
 def expected_layer_state(config, batch_size: int, seen_columns: int) -> Dict[str, tuple]:
     """The tensors one layer's state holds after a call, for `config`: name -> (shape, kind),
-    kind "float" (fast weights and inputs, one dtype), "long" (counters) or "bool" (masks)."""
+    kind "float" (fast weights and chunk buffers: the state dtype, one for all), "any-float"
+    (`COMPUTE_DTYPE_STATE`: projections' outputs in the compute dtype), "long" (counters) or
+    "bool" (masks)."""
     d, heads, dim = config.hidden_size, config.num_heads, config.head_dim
     spec: Dict[str, tuple] = {}
     if config.mixer == "attention":
@@ -253,11 +255,11 @@ class HopeCache(Cache):
     def to(self, device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> "HopeCache":
         """Move the state to `device` and/or convert its floating-point tensors to `dtype`
         (counters and masks keep theirs). In place; returns the cache."""
-        def convert(name: str, x: torch.Tensor) -> torch.Tensor:
+        def convert(x: torch.Tensor) -> torch.Tensor:
             return x.to(device=device, dtype=dtype if dtype is not None and x.is_floating_point() else None)
 
         for layer in self.layers:
-            layer.state = {name: convert(name, x) for name, x in layer.state.items()}
+            layer._apply(convert)
         if self.seen_tokens is not None:
             self.seen_tokens = self.seen_tokens.to(device)
         return self
@@ -291,8 +293,8 @@ class HopeCache(Cache):
              dtype: Optional[torch.dtype] = None) -> "HopeCache":
         """Read a cache written by `save`, refusing one made for another config or one whose
         tensors are missing, extra, or of the wrong shape or dtype for that config (the error
-        names them). `dtype` converts the fast weights (e.g. a float64 model's cache for a
-        float32 model)."""
+        names them). `dtype` converts its floating-point tensors (e.g. a float64 model's cache
+        for a float32 model)."""
         from safetensors import safe_open
 
         with safe_open(os.fspath(path), framework="pt", device=str(device or "cpu")) as f:

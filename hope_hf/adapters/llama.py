@@ -547,9 +547,7 @@ class HopeLlamaForCausalLM(LlamaForCausalLM):
                 cache.hope_layers[i].state = state
             cache.seen_tokens = seen + mask.long().sum(1)
             cache.token_mask = full_mask
-        if cache is not None:
-            outputs[CACHE_NAME] = cache
-        return outputs
+        return outputs  # Llama's forward returns the cache it was given, under CACHE_NAME
 
     # --- generate() integration (HF-NOTES.md) --------------------------------------------------
     @classmethod
