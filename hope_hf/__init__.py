@@ -6,9 +6,7 @@ Importing the package registers `"hope"` with `AutoConfig`, `AutoModel` and
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache_hope import HopeCache
-from .configuration_hope import HopeConfig
-from .modeling_hope import HopeForCausalLM, HopeModel, HopePreTrainedModel, scan_implementation
+from .models.hope import HopeCache, HopeConfig, HopeForCausalLM, HopeModel, HopePreTrainedModel, scan_implementation
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .configuration_hope import HopeConfig
+from .models.hope.configuration_hope import HopeConfig
 from .training import count_parameters, matched_llama_config
 
 __all__ = [
@@ -65,7 +65,7 @@ def hope_and_llama(hope_config: HopeConfig, max_position_embeddings: int, seed: 
     Both are initialised from `seed`."""
     from transformers import LlamaForCausalLM
 
-    from .modeling_hope import HopeForCausalLM
+    from .models.hope.modeling_hope import HopeForCausalLM
 
     torch.manual_seed(seed)
     hope = HopeForCausalLM(hope_config)

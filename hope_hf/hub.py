@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -24,8 +23,8 @@ from typing import Any, Optional
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .configuration_hope import HopeConfig
-from .modeling_hope import HopeForCausalLM, HopeModel
+from .models.hope.configuration_hope import HopeConfig
+from .models.hope.modeling_hope import HopeForCausalLM, HopeModel, staged_folder
 
 __all__ = ["MODEL_CARD_TEMPLATE", "push_to_hub", "remote_code_registration", "render_model_card", "save_checkpoint"]
 
@@ -100,7 +99,8 @@ def save_checkpoint(
     """Save `model`, `tokenizer` and a model card into `save_directory`, all or nothing.
 
     Everything is written into a temporary sibling folder first; files are moved in only when all
-    writes succeeded (other files already in the folder, e.g. Trainer `checkpoint-*` folders, stay).
+    writes succeeded (`staged_folder`; other files already in the folder, e.g. Trainer `checkpoint-*`
+    folders, stay).
 
     Args:
         model: a HOPE model (`HopeForCausalLM`; a `PreTrainedModel` in general).
@@ -116,23 +116,13 @@ def save_checkpoint(
     target = Path(save_directory).resolve()
     if target.is_file():
         raise OSError(f"save_directory: {str(target)!r} is a file, not a folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".hope-checkpoint-", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         with remote_code_registration() if remote_code else contextlib.nullcontext():
             model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if card is not None:
-            (staging / "README.md").write_text(render_model_card(model, **card))
-        target.mkdir(exist_ok=True)
-        for item in staging.iterdir():
-            destination = target / item.name
-            if destination.is_dir():
-                shutil.rmtree(destination)
-            os.replace(item, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            (Path(staging) / "README.md").write_text(render_model_card(model, **card))
     return target
 
 

@@ -38,7 +38,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 if typing.TYPE_CHECKING:
     from transformers import HfArgumentParser, LlamaConfig
 
-from .configuration_hope import HopeConfig
+from .models.hope.configuration_hope import HopeConfig
 from .data import load_text_files, split_text, tokenize_and_chunk, train_bpe_tokenizer
 from .data.tensor_dataset import DictTensorDataset
 
@@ -559,7 +559,7 @@ def lora_target_modules(model: nn.Module) -> list[str]:
     initial fast weights, read as tensors by the chunked update (not through `Linear.forward`), so a LoRA
     wrapper around them would never be used (`lora_bypassed_modules` detects such targets).
     """
-    from .modeling_hope import CMSLevel
+    from .models.hope.modeling_hope import CMSLevel
 
     adaptive = {name for name, module in model.named_modules()
                 if isinstance(module, CMSLevel) and module.chunk_size is not None}

@@ -24,7 +24,7 @@ from hope_hf.adapters import (
 from hope_hf.optim import MultiFrequency, build_multi_frequency_groups, hope_cms_periods
 
 from conftest import tiny_config
-from hope_hf.hf_compat import output_cache
+from hope_hf.models.hope.hf_compat import output_cache
 
 VOCAB = 53
 
@@ -107,7 +107,7 @@ def test_pretrained_level_in_context_is_exact_with_zero_inner_rate():
 
 # --- streaming contract ---------------------------------------------------------------------------
 def _hope_states(cache: HopeLlamaCache):
-    return {i: dict(layer.state) for i, layer in cache.hope_layers.items()}
+    return {i: layer.state.flatten() for i, layer in cache.hope_layers.items()}
 
 
 @pytest.mark.parametrize("seed", [0, 1])

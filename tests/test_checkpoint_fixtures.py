@@ -48,7 +48,7 @@ def test_saved_llama_adapter_gives_its_saved_logits():
 
 def test_legacy_defaults_apply_only_to_configs_saved_without_the_field(tmp_path):
     from hope_hf import HopeConfig
-    from hope_hf.configuration_hope import LEGACY_DEFAULTS
+    from hope_hf.models.hope.configuration_hope import LEGACY_DEFAULTS
 
     old = HopeConfig.from_pretrained(FIXTURES / "self_modifying-deep")  # saved by 0.1.0: no memory_read
     assert old.memory_read == LEGACY_DEFAULTS["memory_read"]

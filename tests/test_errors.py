@@ -6,7 +6,7 @@ from transformers import DynamicCache
 
 from conftest import tiny_model
 from hope_hf import HopeConfig
-from hope_hf.hf_compat import output_cache
+from hope_hf.models.hope.hf_compat import output_cache
 
 
 @pytest.mark.parametrize("field,value,match", [

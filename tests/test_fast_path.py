@@ -1,4 +1,4 @@
-"""The chunk-parallel fast path (`ops_chunked.py`) equals the per-token reference: outputs, end
+"""The chunk-parallel fast path (`dgd_chunk.py`, `cms_chunk.py`) equals the per-token reference: outputs, end
 states and gradients, on random configs, seeds, split points and padding (float64, 1e-10)."""
 
 import math
@@ -10,14 +10,17 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import tiny_config, tiny_model
 from hope_hf import HopeForCausalLM, scan_implementation
-from hope_hf.memory_hope import dgd_step, l2norm
-from hope_hf.modeling_hope import get_scans
-from hope_hf.ops_chunked import ChunkGrid, dgd_chunk, dgd_terms
-from hope_hf.ops_reference import cms_scan, self_modifying_scan, titans_scan
-from hope_hf.memory_hope import memory_gradients
+from hope_hf.models.hope.cache_hope import CMSState
+from hope_hf.models.hope.chunk_grid import ChunkGrid
+from hope_hf.models.hope.cms_chunk import cms_chunk
+from hope_hf.models.hope.cms_naive import cms_naive
+from hope_hf.models.hope.dgd_chunk import dgd_chunk, self_modifying_titans_chunk, titans_chunk
+from hope_hf.models.hope.dgd_naive import dgd_step, self_modifying_titans_naive, titans_naive
+from hope_hf.models.hope.modeling_hope import SCANS
+from hope_hf.models.hope.primitives import SwiGLUPass, dgd_terms, gradient_factors, l2norm
 
 from test_streaming import flat_state, run_split
-from hope_hf.hf_compat import output_cache
+from hope_hf.models.hope.hf_compat import output_cache
 
 
 def random_config(draw_seed: int, **overrides):
@@ -53,7 +56,7 @@ def padded_batch(seed: int, length: int, pads):
 def compare(model, ids, mask, cuts, tol):
     with torch.no_grad():
         fast, fast_cache = run_split(model, ids, cuts, mask=mask)
-        with scan_implementation("reference"):
+        with scan_implementation(model, "reference"):
             ref, ref_cache = run_split(model, ids, [], mask=mask)
     real = mask.bool()
     torch.testing.assert_close(fast[real], ref[real], atol=tol, rtol=0)
@@ -123,7 +126,7 @@ def test_fast_gradients_equal_reference(seed, memory_read):
     for name in ("chunked", "reference"):
         model = tiny_model(seed=seed, dtype=torch.float64, **overrides).train()
         ids, mask = padded_batch(seed + 3, 21, [0, 4])
-        with scan_implementation(name):
+        with scan_implementation(model, name):
             loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         loss.backward()
         grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -170,8 +173,9 @@ def test_dgd_chunk_closed_form(length):
 
 @pytest.mark.parametrize("memory_type", ["deep", "linear"])
 def test_dgd_terms_reproduce_dgd_step(memory_type):
-    """One token: `W (alpha I - eta u~u~^T) + w u~^T` with the terms of `dgd_terms` is
-    `memory_hope.dgd_step` (the one place the DGD step is defined)."""
+    """One token: the DGD equation `W (alpha I - eta u~u~^T) - eta / max(1, ||u||^2) e u^T`, written out
+    from the gradient factors, equals `dgd_naive.dgd_step` and the closed-form chunk of one token, both
+    fed by `dgd_terms`."""
     gen = torch.Generator().manual_seed(3)
     B, H, D, M = 2, 3, 4, 5
     r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=gen)
@@ -179,10 +183,18 @@ def test_dgd_terms_reproduce_dgd_step(memory_type):
     current = {k: v + 0.1 * r(*v.shape) for k, v in state.items()}
     key, target = l2norm(r(B, H, D), 1e-6) * 3.0, r(B, H, D)
     eta, alpha = torch.rand(B, H, dtype=torch.float64, generator=gen), torch.rand(B, H, dtype=torch.float64, generator=gen)
-    grads, inputs = memory_gradients(state, key, target, "gelu")
-    expected = dgd_step(current, grads, inputs, eta, alpha, 1e-6)
+    expected = {}
+    for name, (e, u) in gradient_factors(state, key.unsqueeze(-2), target.unsqueeze(-2), "gelu").items():
+        e, u = e.squeeze(-2), u.squeeze(-2)
+        unit = l2norm(u, 1e-6)
+        erase = (current[name] @ unit.unsqueeze(-1)) @ unit.unsqueeze(-2)
+        step = eta[..., None, None] / (u * u).sum(-1).clamp(min=1.0)[..., None, None]
+        expected[name] = (alpha[..., None, None] * current[name] - eta[..., None, None] * erase
+                          - step * e.unsqueeze(-1) * u.unsqueeze(-2))
     terms = dgd_terms(state, key.unsqueeze(-2), target.unsqueeze(-2), "gelu", 1e-6)
+    stepped = dgd_step(current, {n: (a.squeeze(-2), b.squeeze(-2)) for n, (a, b) in terms.items()}, eta, alpha)
     for name, (unit, write) in terms.items():
+        torch.testing.assert_close(stepped[name], expected[name], atol=1e-12, rtol=0)
         got = dgd_chunk(current[name], unit, write, eta.unsqueeze(-1), alpha.log().unsqueeze(-1))
         torch.testing.assert_close(got, expected[name], atol=1e-12, rtol=0)
 
@@ -210,14 +222,19 @@ def test_chunk_grid_aligns_samples():
 
 
 def test_scan_implementation_selection():
-    config = tiny_config()
-    assert config.scan_implementation == "chunked"
-    assert get_scans(config)[0].__name__ == "self_modifying_chunked"
-    with scan_implementation("reference"):
-        assert get_scans(config) == (self_modifying_scan, titans_scan, cms_scan)
-    assert get_scans(tiny_config(scan_implementation="reference"))[1] is titans_scan
+    model = tiny_model(seed=0)
+    mixer = model.model.layers[0].mixer
+    assert model.config.scan_implementation == "chunked"
+    assert mixer.scans.self_modifying_titans is self_modifying_titans_chunk
+    assert SCANS["chunked"].titans is titans_chunk and SCANS["chunked"].cms is cms_chunk
+    with scan_implementation(model, "reference"):
+        assert model.config.scan_implementation == "reference"
+        assert mixer.scans.self_modifying_titans is self_modifying_titans_naive
+        assert SCANS["reference"].titans is titans_naive and SCANS["reference"].cms is cms_naive
+    assert model.config.scan_implementation == "chunked"  # restored
+    assert HopeForCausalLM(tiny_config(scan_implementation="reference")).model.layers[0].mixer.scans is SCANS["reference"]
     with pytest.raises(ValueError, match="scan_implementation must be one of"):
-        with scan_implementation("triton"):
+        with scan_implementation(model, "triton"):
             pass
     with pytest.raises(ValueError, match="scan_implementation must be one of"):
         tiny_config(scan_implementation="fast")
@@ -242,7 +259,7 @@ def test_bf16_autocast_training_keeps_float32_state():
         generated = model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False)
     assert generated.shape == (1, 11)
     for layer in output_cache(out).layers:
-        for name, tensor in layer.state.items():
+        for name, tensor in layer.state.flatten().items():
             if tensor.is_floating_point() and name not in ("conv",):
                 assert tensor.dtype == torch.float32, name
     with torch.no_grad():
@@ -261,7 +278,7 @@ def test_gradients_through_a_cache_equal_reference(cuts):
     grads = {}
     for name in ("chunked", "reference"):
         model = tiny_model(seed=len(cuts), dtype=torch.float64, **overrides).train()
-        with scan_implementation(name):
+        with scan_implementation(model, name):
             total, cache = 0.0, None
             bounds = [0, *cuts, ids.shape[1]]
             for a, b in zip(bounds[:-1], bounds[1:]):
@@ -296,17 +313,20 @@ def test_cms_update_is_the_normalised_step():
     weight with its own layer input u (n for gate/up, the hidden activation for down) and gain g: the
     squared Frobenius norm of d out / d (the layer's pre-activation), at least 1 (1 for down). The gains
     are checked here against autograd Jacobians."""
-    from hope_hf.ops_reference import swiglu, swiglu_gradients
-
     gen = torch.Generator().manual_seed(21)
     B, C, D, I = 2, 4, 5, 7
     r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=gen)  # noqa: E731
     theta = {"gate": r(B, I, D), "up": r(B, I, D), "down": r(B, D, I)}
     n, value = r(B, C, D) * 2.0, r(D, D)
     eta, alpha = torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.9, dtype=torch.float64)
-    _, new, buffer, updates = cms_scan(n, theta, None, torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long),
-                                       torch.ones(B, C, dtype=torch.bool), value, eta, alpha, C, True)
-    grads = [swiglu_gradients(theta, n[:, t], n[:, t] @ value.t()) for t in range(C)]
+    _, end = cms_naive(n=n, state=CMSState(theta, None, torch.zeros(B, dtype=torch.long)),
+                       seen=torch.zeros(B, dtype=torch.long), mask=torch.ones(B, C, dtype=torch.bool), value_weight=value,
+                       eta=eta, alpha=alpha, chunk_size=C, updates=True)
+    new, buffer, updates = end.theta, end.buffer, end.num_updates
+    leaves = {k: v.clone().requires_grad_() for k, v in theta.items()}  # the chunk's summed gradient, by autograd
+    hidden = F.silu(torch.einsum("bid,btd->bti", leaves["gate"], n)) * torch.einsum("bid,btd->bti", leaves["up"], n)
+    out = torch.einsum("bdi,bti->btd", leaves["down"], hidden)
+    total_grad = dict(zip(leaves, torch.autograd.grad(0.5 * ((out - n @ value.t()) ** 2).sum(), list(leaves.values()))))
 
     def gain(b, t, layer):  # ||d out / d pre-activation||_F^2 of sample b, token t, at least 1
         x = n[b, t]
@@ -319,13 +339,12 @@ def test_cms_update_is_the_normalised_step():
 
     energy = {name: torch.tensor([sum(float((n[b, t] ** 2).sum()) * gain(b, t, name) for t in range(C)) for b in range(B)],
                                  dtype=torch.float64) for name in ("gate", "up")}
-    energy["down"] = sum((swiglu(theta, n[:, t])[3] ** 2).sum(-1) for t in range(C))
+    energy["down"] = (hidden.detach() ** 2).sum((1, 2))
     gains = torch.tensor([[gain(b, t, "gate") for t in range(C)] for b in range(B)])
     assert bool((gains > 1).any())  # the gains are active somewhere
     assert all(bool((e > 1).all()) for e in energy.values())  # the normaliser is active
     for name in ("gate", "up", "down"):
-        total = sum(g[name] for g in grads)
-        expected = alpha * theta[name] - eta * total / energy[name].view(-1, 1, 1)
+        expected = alpha * theta[name] - eta * total_grad[name] / energy[name].view(-1, 1, 1)
         torch.testing.assert_close(new[name], expected, atol=1e-12, rtol=0)
     assert updates.tolist() == [1, 1] and bool((buffer == 0).all())
 
@@ -340,7 +359,7 @@ def test_cms_levels_stay_finite_on_long_inputs_with_large_rates():
         out = model(ids, use_cache=True)
     assert bool(torch.isfinite(out.logits).all())
     for layer in output_cache(out).layers:
-        for name, tensor in layer.state.items():
+        for name, tensor in layer.state.flatten().items():
             if tensor.is_floating_point():
                 assert bool(torch.isfinite(tensor).all()), name
     assert int(output_cache(out).cms_update_counts(0)[0][0]) == 75
@@ -358,7 +377,7 @@ def test_cms_training_path_frees_its_outputs(length):
     gc.disable()
     try:
         out = model(ids, labels=ids, use_cache=True)
-        weight = weakref.ref(output_cache(out).layers[0].state["cms.0.gate"])
+        weight = weakref.ref(output_cache(out).layers[0].state.cms[0].theta["gate"])
         out.loss.backward()
         del out
         assert weight() is None
@@ -369,10 +388,8 @@ def test_cms_training_path_frees_its_outputs(length):
 @pytest.mark.parametrize("length", [24, 21, 72])
 def test_cms_hand_backward_equals_reference_where_the_gains_are_active(length):
     """`CMSChunkFunction` (aligned training batch, hand-derived backward) against autograd through
-    `ops_reference.cms_scan`, with weights large enough that the gains and every normaliser are
+    `cms_naive`, with weights large enough that the gains and every normaliser are
     above 1: outputs, end weights and the gradients of inputs, target weight, eta, alpha, weights."""
-    from hope_hf.ops_cms import cms_chunked
-
     gen = torch.Generator().manual_seed(1000 + length)
     B, C, D, I = 2, 4, 6, 9
     r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=gen)  # noqa: E731
@@ -380,12 +397,14 @@ def test_cms_hand_backward_equals_reference_where_the_gains_are_active(length):
               "eta": torch.tensor(0.2, dtype=torch.float64), "alpha": torch.tensor(0.95, dtype=torch.float64)}
     probe = r(B, length, D)
     results = {}
-    for name, scan in (("fast", cms_chunked), ("reference", cms_scan)):
+    for name, scan in (("fast", cms_chunk), ("reference", cms_naive)):
         x = {k: v.clone().requires_grad_() for k, v in leaves.items()}
         theta = {k: x[k].unsqueeze(0).expand(B, *x[k].shape) for k in ("gate", "up", "down")}
         zeros = torch.zeros(B, dtype=torch.long)
-        y, end, _, updates = scan(x["n"], theta, None, zeros, zeros, torch.ones(B, length, dtype=torch.bool),
-                                  x["value"], x["eta"], x["alpha"], C, True)
+        y, state = scan(n=x["n"], state=CMSState(theta, None, zeros), seen=zeros,
+                        mask=torch.ones(B, length, dtype=torch.bool), value_weight=x["value"], eta=x["eta"],
+                        alpha=x["alpha"], chunk_size=C, updates=True)
+        end, updates = state.theta, state.num_updates
         loss = (y * probe).sum() + sum((end[k] ** 2).sum() for k in end) * 1e-3
         loss.backward()
         results[name] = (y.detach(), {k: v.detach() for k, v in end.items()}, {k: v.grad for k, v in x.items()}, updates)
@@ -397,7 +416,5 @@ def test_cms_hand_backward_equals_reference_where_the_gains_are_active(length):
     for k in grad_r:
         torch.testing.assert_close(grad_f[k], grad_r[k], atol=1e-9, rtol=1e-8, msg=k)
     # the regime under test: gains above 1 at the first chunk
-    from hope_hf.ops_reference import swiglu, swiglu_gains
-    first = {k: leaves[k].unsqueeze(0).expand(B, *leaves[k].shape) for k in ("gate", "up", "down")}
-    _, gate, up, _ = swiglu(first, leaves["n"][:, 0])
-    assert bool((torch.stack(swiglu_gains((leaves["down"] ** 2).sum(0), gate, up)) > 1).all())
+    first = SwiGLUPass([leaves[k] for k in ("gate", "up", "down")], leaves["n"][:, :1], leaves["n"][:, :1])
+    assert bool((torch.stack([first.gain_gate, first.gain_up]) > 1).all())

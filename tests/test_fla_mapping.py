@@ -1,4 +1,4 @@
-"""The linear-memory DGD recurrence maps onto fla's gated delta rule (`hope_hf.ops_fla`).
+"""The linear-memory DGD recurrence maps onto fla's gated delta rule (`hope_hf.models.hope.dgd_fla`).
 
 On CPU: our closed-form chunk (`dgd_chunk`) equals fla's pure-torch reference recurrence
 (`naive_recurrent_gated_delta_rule`) fed with `gated_delta_inputs`. On CUDA: the Triton kernel
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from hope_hf.memory_hope import l2norm
-from hope_hf.ops_chunked import dgd_chunk
-from hope_hf.ops_fla import fla_available, gated_delta_inputs
+from hope_hf.models.hope.dgd_chunk import dgd_chunk
+from hope_hf.models.hope.dgd_fla import fla_available, gated_delta_inputs
+from hope_hf.models.hope.primitives import l2norm
 
 naive = pytest.importorskip("fla.ops.gated_delta_rule.naive", reason="flash-linear-attention is not installed")
 
@@ -44,7 +44,7 @@ cuda = pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()), r
 
 @cuda
 def test_fla_kernel_equals_torch_chunk():
-    from hope_hf.ops_fla import fla_dgd_chunk
+    from hope_hf.models.hope.dgd_fla import fla_dgd_chunk
 
     weight, unit, write_per_eta, eta, log_alpha = random_chunk(3, problems=8, length=64, dim=64, device="cuda")
     expected = dgd_chunk(weight, unit, write_per_eta, eta, log_alpha)

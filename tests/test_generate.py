@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_model
 from hope_hf import HopeCache
-from hope_hf.hf_compat import output_cache
+from hope_hf.models.hope.hf_compat import output_cache
 
 
 @pytest.fixture(params=["self_modifying", "titans", "attention"])

@@ -1,14 +1,14 @@
 """Issue 12: HOPE learns in context. The DGD step is bounded by the curvature of the whole inner loss
-(`memory_hope.step_bound`), stays bounded for trained-like weights at eta = eta_max over 4096 tokens,
+(`primitives.step_bound`), stays bounded for trained-like weights at eta = eta_max over 4096 tokens,
 and the default model's memory reaches beyond the conv window at init."""
 
 import pytest
 import torch
 
-import hope_hf.ops_chunked as ops_chunked
+import hope_hf.models.hope.primitives as primitives
 from conftest import tiny_model
 from hope_hf import HopeConfig, HopeForCausalLM
-from hope_hf.memory_hope import inner_curvature, l2norm, memory_gradients, memory_read, step_bound
+from hope_hf.models.hope.primitives import gradient_factors, inner_curvature, l2norm, memory_read, step_bound
 
 from test_fast_path import compare, padded_batch
 
@@ -31,8 +31,9 @@ def test_inner_curvature_bounds_the_jacobian_of_the_inner_gradient(memory_type, 
     for name in state:
         def gradient(weight):
             s = {**state, name: weight}
-            target = memory_read(s, value, "silu") if self_generated else value
-            return memory_gradients(s, key, target, "silu")[0][name]
+            target = memory_read(s, value.unsqueeze(-2), "silu") if self_generated else value.unsqueeze(-2)
+            e, u = gradient_factors(s, key.unsqueeze(-2), target, "silu")[name]
+            return e.squeeze(-2).unsqueeze(-1) * u.squeeze(-2).unsqueeze(-2)
 
         jac = torch.autograd.functional.jacobian(gradient, state[name]).reshape(state[name].numel(), -1)
         kappa = float(curvature[name][0])
@@ -47,7 +48,7 @@ def _record_bounds(monkeypatch):
         seen.extend(float(f.max()) for f in factors.values())
         return factors
 
-    monkeypatch.setattr(ops_chunked, "step_bound", recording)
+    monkeypatch.setattr(primitives, "step_bound", recording)
     return seen
 
 
@@ -71,7 +72,7 @@ def test_step_bound_is_one_at_init(monkeypatch, mixer, key_value_init_range):
         seen.extend((name, large_w1, float(f.max())) for name, f in factors.items())
         return factors
 
-    monkeypatch.setattr(ops_chunked, "step_bound", recording)
+    monkeypatch.setattr(primitives, "step_bound", recording)
     torch.manual_seed(0)
     extra = {} if key_value_init_range is None else {"key_value_init_range": key_value_init_range}
     model = HopeForCausalLM(HopeConfig(vocab_size=61, hidden_size=64, num_heads=4, num_hidden_layers=2,
@@ -117,7 +118,7 @@ def _largest_over_stream(model, ids, piece: int):
         for first in range(0, ids.shape[1], piece):
             out = model(ids[:, first:first + piece], past_key_values=cache, use_cache=True)
             cache = out.past_key_values
-            states = [t for layer in cache.layers for n, t in layer.state.items() if n.startswith("mem.")]
+            states = [t for layer in cache.layers for n, t in layer.state.flatten().items() if n.startswith("mem.")]
             top_state = max(top_state, *(largest(t) for t in states))
             top_logit = max(top_logit, largest(out.logits))
     return top_state, top_logit
@@ -136,7 +137,7 @@ def test_trained_like_memories_stay_bounded_over_4096_tokens(monkeypatch, eta_ma
     state, logit = _largest_over_stream(model, ids, 512)
     assert state <= 1.5 * initial and logit < 10.0, (state, initial, logit)
     if mixer == "self_modifying" and eta_max == 1.0:
-        monkeypatch.setattr(ops_chunked, "step_bound", lambda state, key, target_key, eta, act:
+        monkeypatch.setattr(primitives, "step_bound", lambda state, key, target_key, eta, act:
                             {n: torch.ones_like(eta) for n in state})
         state, _ = _largest_over_stream(model, ids[:, :256], 16)
         assert state > 100 * initial  # the bound is what keeps it

@@ -5,9 +5,8 @@ import torch
 
 from conftest import tiny_config, tiny_model
 from hope_hf import HopeForCausalLM
-from hope_hf.memory_hope import memory_gradients, memory_read
-from hope_hf.ops_reference import swiglu, swiglu_gradients
-from hope_hf.hf_compat import output_cache
+from hope_hf.models.hope.primitives import SwiGLUPass, gradient_factors, memory_read
+from hope_hf.models.hope.hf_compat import output_cache
 
 
 def ids(seed=0, length=16, batch=2):
@@ -22,14 +21,16 @@ def test_memory_gradients_match_autograd(memory_type):
         state = {"W1": torch.randn(B, H, D, M, dtype=torch.float64), "W2": torch.randn(B, H, M, D, dtype=torch.float64)}
     else:
         state = {"W": torch.randn(B, H, D, D, dtype=torch.float64)}
-    key, target = torch.randn(B, H, D, dtype=torch.float64), torch.randn(B, H, D, dtype=torch.float64)
+    key, target = torch.randn(B, H, 3, D, dtype=torch.float64), torch.randn(B, H, 3, D, dtype=torch.float64)
     for act in ("silu", "gelu", "tanh"):
         leaves = {k: v.clone().requires_grad_() for k, v in state.items()}
-        loss = 0.5 * (memory_read(leaves, key, act) - target).pow(2).sum()
-        auto = torch.autograd.grad(loss, list(leaves.values()))
-        hand, _ = memory_gradients(state, key, target, act)
-        for name, g in zip(leaves, auto):
-            torch.testing.assert_close(hand[name], g, atol=1e-12, rtol=0)
+        for t in range(key.shape[-2]):  # per token: the gradient is the rank-1 e u^T
+            loss = 0.5 * (memory_read(leaves, key[..., t:t + 1, :], act) - target[..., t:t + 1, :]).pow(2).sum()
+            auto = torch.autograd.grad(loss, list(leaves.values()))
+            factors = gradient_factors(state, key, target, act)
+            for name, g in zip(leaves, auto):
+                e, u = factors[name]
+                torch.testing.assert_close(e[..., t, :, None] * u[..., t, None, :], g, atol=1e-12, rtol=0)
 
 
 def test_swiglu_gradients_match_autograd():
@@ -37,13 +38,15 @@ def test_swiglu_gradients_match_autograd():
     B, I, D = 2, 6, 4
     w = {"gate": torch.randn(B, I, D, dtype=torch.float64), "up": torch.randn(B, I, D, dtype=torch.float64),
          "down": torch.randn(B, D, I, dtype=torch.float64)}
-    n, target = torch.randn(B, D, dtype=torch.float64), torch.randn(B, D, dtype=torch.float64)
+    n, target = torch.randn(B, 5, D, dtype=torch.float64), torch.randn(B, 5, D, dtype=torch.float64)
     leaves = {k: v.clone().requires_grad_() for k, v in w.items()}
-    loss = 0.5 * (swiglu(leaves, n)[0] - target).pow(2).sum()
+    hidden = torch.nn.functional.silu(n @ leaves["gate"].transpose(-1, -2)) * (n @ leaves["up"].transpose(-1, -2))
+    loss = 0.5 * (hidden @ leaves["down"].transpose(-1, -2) - target).pow(2).sum()
     auto = torch.autograd.grad(loss, list(leaves.values()))
-    hand = swiglu_gradients(w, n, target)
-    for name, g in zip(leaves, auto):
-        torch.testing.assert_close(hand[name], g, atol=1e-12, rtol=0)
+    swiglu = SwiGLUPass([w[k] for k in ("gate", "up", "down")], n, target)
+    torch.testing.assert_close(swiglu.out, (hidden @ leaves["down"].transpose(-1, -2)).detach(), atol=1e-12, rtol=0)
+    for name, hand, g in zip(leaves, swiglu.gradient_sums(), auto):  # summed over the block's tokens
+        torch.testing.assert_close(hand, g, atol=1e-12, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("memory_read", ["token", "chunk"])
@@ -72,11 +75,11 @@ def test_cms_fast_weights_change_only_after_chunk_and_counters_advance():
     with torch.no_grad():
         cache = output_cache(model(x, use_cache=True))
         state = cache.layers[0].state
-        assert torch.equal(state["cms.0.gate"][0], level0.gate_proj.weight)  # 3 tokens < C=4: untouched
+        assert torch.equal(state.cms[0].theta["gate"][0], level0.gate_proj.weight)  # 3 tokens < C=4: untouched
         assert cache.cms_update_counts(0)[0].tolist() == [0]
         model(ids(seed=6, length=10, batch=1), cache=cache)  # 13 tokens in all
     state = cache.layers[0].state
-    assert not torch.allclose(state["cms.0.gate"][0], level0.gate_proj.weight)
+    assert not torch.allclose(state.cms[0].theta["gate"][0], level0.gate_proj.weight)
     counts = cache.cms_update_counts(0)
     assert counts[0].tolist() == [3] and counts[1].tolist() == [2] and counts[2] is None
 

@@ -17,7 +17,7 @@ from _scripts import run_without_hope_hf
 from conftest import MIXERS, tiny_config, tiny_model
 from hope_hf import HopeCache, HopeConfig, HopeForCausalLM
 from hope_hf.adapters import HopeAdapterConfig, apply_hope_adapter
-from hope_hf.hf_compat import CACHE_NAME, output_cache
+from hope_hf.models.hope.hf_compat import CACHE_NAME, output_cache
 
 GRID = [(mixer, memory, variant) for mixer in MIXERS for memory in ("deep", "linear")
         for variant in ("sequential", "independent")]
@@ -163,7 +163,7 @@ def test_adapter_on_a_bf16_llama_runs_and_trains():
     with torch.no_grad():
         out = model.eval()(x, use_cache=True)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
-    assert output_cache(out).hope_state(0)["cms.0.gate"].dtype == torch.float32
+    assert output_cache(out).hope_state(0).cms[0].theta["gate"].dtype == torch.float32
     model.train()(x, labels=x).loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
@@ -220,8 +220,9 @@ def test_retry_after_failure_mid_forward_equals_clean_run(mixer):
     assert torch.equal(got, want)
     assert torch.equal(cache.seen_tokens, clean_cache.seen_tokens) and cache.seen_columns == clean_cache.seen_columns
     for mine, theirs in zip(cache.layers, clean_cache.layers):
-        assert mine.state.keys() == theirs.state.keys()
-        assert all(torch.equal(mine.state[k], theirs.state[k]) for k in mine.state)
+        mine_flat, theirs_flat = mine.state.flatten(), theirs.state.flatten()
+        assert mine_flat.keys() == theirs_flat.keys()
+        assert all(torch.equal(mine_flat[k], theirs_flat[k]) for k in mine_flat)
 
 
 def test_adapter_retry_after_failure_restores_attention_and_hope_state():

@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from _scripts import run_without_hope_hf
 from conftest import tiny_config, tiny_model
 from hope_hf import HopeCache, HopeConfig, HopeForCausalLM
-from hope_hf.hf_compat import output_cache
+from hope_hf.models.hope.hf_compat import output_cache
 
 
 def ids(seed=0, length=12, batch=2):
@@ -52,7 +52,7 @@ def test_remote_code_loads_without_hope_hf(tmp_path):
         print("REMOTE_OK", type(model).__module__)
     """, tmp_path)
     assert "REMOTE_OK" in result.stdout, result.stdout + result.stderr
-    assert (tmp_path / "modeling_hope.py").exists() and (tmp_path / "ops_reference.py").exists()
+    assert (tmp_path / "modeling_hope.py").exists() and all((tmp_path / f).exists() for f in ("dgd_naive.py", "dgd_chunk.py", "cms_naive.py", "cms_chunk.py", "primitives.py", "chunk_grid.py", "cache_hope.py", "hf_compat.py"))
 
 
 def test_failed_save_leaves_no_checkpoint(tmp_path, monkeypatch):

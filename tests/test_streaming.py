@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import MIXERS, MEMORY_TYPES, tiny_model
-from hope_hf.hf_compat import output_cache
+from hope_hf.models.hope.hf_compat import output_cache
 
 
 def run_split(model, ids, cuts, mask=None):
@@ -19,7 +19,7 @@ def run_split(model, ids, cuts, mask=None):
 
 
 def flat_state(cache):
-    return {f"{i}.{k}": v for i, layer in enumerate(cache.layers) for k, v in layer.state.items()}
+    return {f"{i}.{k}": v for i, layer in enumerate(cache.layers) for k, v in layer.state.flatten().items()}
 
 
 def check_invariance(mixer, memory_type, dtype, tol, cuts, seed, length=17):

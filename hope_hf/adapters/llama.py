@@ -42,19 +42,17 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP
 from transformers.utils.generic import can_return_tuple
 
-from ..cache_hope import HopeCacheLayer, signature_diff
-from ..configuration_hope import LEGACY_DEFAULTS, MEMORY_TYPES, HopeConfig
-from ..hf_compat import CACHE_NAME, generation_cache, resolve_cache
-from ..modeling_hope import (
+from ..models.hope.cache_hope import HopeCacheLayer, LayerState, signature_diff
+from ..models.hope.configuration_hope import LEGACY_DEFAULTS, MEMORY_TYPES, HopeConfig
+from ..models.hope.hf_compat import CACHE_NAME, generation_cache, resolve_cache
+from ..models.hope.modeling_hope import (
     CMSLevel,
     ContinuumMemorySystem,
-    HopeModel,
     HopePreTrainedModel,
     SelfModifyingTitansMixer,
+    token_mask,
     touch_parameters,
 )
-
-LayerState = Dict[str, torch.Tensor]
 
 ADAPTER_CONFIG_NAME = "hope_adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "hope_adapter.safetensors"
@@ -301,7 +299,7 @@ class HopeLlamaDecoderLayer(LlamaDecoderLayer):
                 module.to(device=reference.device, dtype=reference.dtype)
         gate = torch.zeros_like(reference) if adapter.self_modifying else None
         self.hope_gate = None if gate is None else nn.Parameter(gate)
-        self._mlp_prefix = f"cms.{len(self.hope_cms.levels)}"
+        self._mlp_level = len(self.hope_cms.levels)  # the pretrained MLP's index among the layer's CMS levels
         self._trainable_pretrained_levels = adapter.trainable_pretrained_levels
 
     def adapter_named_parameters(self) -> Iterator[Tuple[str, nn.Parameter]]:
@@ -332,7 +330,7 @@ class HopeLlamaDecoderLayer(LlamaDecoderLayer):
             raise ValueError("HopeLlamaDecoderLayer needs the hope_context that HopeLlamaForCausalLM.forward passes: "
                              "call the adapted model (not its inner LlamaModel)")
         mask, seen = hope_context.mask, hope_context.seen
-        state = dict(hope_context.states_in.get(self.layer_idx, {}))
+        state = hope_context.states_in.get(self.layer_idx, LayerState()).copy()
         x = self.input_layernorm(hidden_states)
         mixed, _ = self.self_attn(
             hidden_states=x, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
@@ -342,7 +340,7 @@ class HopeLlamaDecoderLayer(LlamaDecoderLayer):
             mixed = mixed + self.hope_gate * self.hope_mixer(x, state, mask, seen)
         hidden_states = self.hope_cms(hidden_states + mixed, state, mask, seen)
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), state,
-                                                 self._mlp_prefix, mask, seen)
+                                                 self._mlp_level, mask, seen)
         hope_context.states_out[self.layer_idx] = state
         # Every adapter parameter gets a gradient on any length (DDP needs it; see touch_parameters).
         return touch_parameters(hidden_states, (p for _, p in self.adapter_named_parameters()))
@@ -418,7 +416,7 @@ class HopeLlamaCache(DynamicCache):
             vars(layer).update(saved)
 
     def hope_state(self, layer_idx: int) -> LayerState:
-        """The HOPE state of one adapted layer (a dict of batch-first tensors)."""
+        """The HOPE state of one adapted layer (a `LayerState` of batch-first tensors)."""
         if layer_idx not in self.hope_layers:
             raise ValueError(f"layer_idx {layer_idx} is not an adapted layer; adapted: {sorted(self.hope_layers)}")
         return self.hope_layers[layer_idx].state
@@ -428,7 +426,8 @@ class HopeLlamaCache(DynamicCache):
         updates each sample has made ([B]), or None for a static level or before the first call."""
         state = self.hope_state(layer_idx)
         sizes = self.signature["adapter"]["cms_chunk_sizes"] + [self.signature["adapter"]["mlp_chunk_size"]]
-        return [None if size is None else state.get(f"cms.{level}.num_updates") for level, size in enumerate(sizes)]
+        return [None if size is None or level not in state.cms else state.cms[level].num_updates
+                for level, size in enumerate(sizes)]
 
     def check_compatible(self, model: "HopeLlamaForCausalLM", batch_size: int) -> None:
         """Raise ValueError if this cache was made for another model or batch size."""
@@ -508,8 +507,8 @@ class HopeLlamaForCausalLM(LlamaForCausalLM):
             cache.check_compatible(self, batch)
         past_mask = cache.token_mask if cache is not None else None
         past_columns = 0 if past_mask is None else past_mask.shape[1]
-        # Same mask rules as the core HopeModel (its helper does not use `self`).
-        mask = HopeModel._token_mask(self, attention_mask, batch, length, past_columns, reference.device)
+        # Same mask rules as the core HopeModel.
+        mask = token_mask(attention_mask, batch, length, past_columns, reference.device)
         full_mask = mask if past_mask is None else torch.cat([past_mask.to(mask.device), mask], dim=1)
         if cache is not None and cache.seen_tokens is not None:
             seen = cache.seen_tokens.to(reference.device)

@@ -1,121 +1,33 @@
-"""The Continuum Memory System level, a chunk at a time (fast path of `ops_reference.cms_scan`).
+"""One Continuum Memory System level, a chunk at a time (docs/design.md §5): the same outputs and end
+state as `cms_naive`.
 
-A level with chunk size `C` reads every token of a chunk with the chunk-start fast weights
-`theta = (gate [B, I, d], up [B, I, d], down [B, d, I])` and, when the chunk is complete, writes
+A level with chunk size `C` reads every token of a chunk with the chunk-start fast weights and, when
+the chunk is complete, takes `primitives.cms_step` with the chunk's summed gradient (one matmul per
+weight, `primitives.SwiGLUPass`). The open chunk's inputs wait in a buffer ([B, C, d], in the cache),
+so a decoding step costs one read of the fast weights.
 
-    theta <- alpha * theta - eta / max(1, sum_t ||u_t||^2 g_t) * sum_{t in chunk} grad_theta 1/2 ||swiglu_theta(n_t) - z_t||^2
-
-(`z_t = n_t W_V`, `u_t` each weight's layer input, `g_t` its gain: the normalised step of
-`ops_reference.cms_scan`). The open chunk's inputs wait in a buffer ([B, C, d], in the cache); its summed
-gradient is taken only when it completes, over the whole chunk at once (one matmul per weight),
-so a decoding step costs one read of `theta`.
-
-Positions are counted in a *frame* that starts at the open chunk's first token: the buffered
-inputs fill slots `[0, seen % C)` and this call's tokens follow (`ChunkGrid` positions), so
-every chunk of the frame is `[i C, (i + 1) C)`.
+Positions are counted in a *frame* that starts at the open chunk's first token: the buffered inputs
+fill slots `[0, seen % C)` and this call's tokens follow (`ChunkGrid` positions), so every chunk of
+the frame is `[i C, (i + 1) C)`.
 
 Two implementations of the same recurrence:
-- `cms_chunked` in plain autograd ops: any padding and per-sample chunk positions, any dtype;
-- `CMSChunkFunction`, used when training on an aligned batch (no padding, every sample at the
-  same place of its chunk, the usual pre-training case): the backward is derived by hand, so no
-  autograd graph of thousands of full-size temporaries is built, and the fast weights are kept
-  only every `K ~ sqrt(#chunks)` chunks and recomputed inside a block during the backward, so
-  training memory grows like `sqrt(T)` fast-weight copies instead of `T / C`.
-Both are tested against `ops_reference.cms_scan` (outputs, states and gradients).
+- autograd ops: any padding and per-sample chunk positions, any dtype;
+- `CMSChunkFunction`, used when training on an aligned batch (no padding, every sample at the same
+  place of its chunk, the usual pre-training case): a hand-derived backward, so no autograd graph of
+  full-size temporaries is built, and above `recompute_above` chunks the fast weights are kept only
+  every `K ~ sqrt(#chunks)` chunks and recomputed inside a block during the backward.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from .ops_chunked import ChunkGrid, in_state_precision, select_where
-from .ops_reference import swiglu_gains
-
-Weights = Dict[str, torch.Tensor]
-NAMES = ("gate", "up", "down")
-
-
-def _weight(w: torch.Tensor) -> torch.Tensor:
-    """A fast weight shared by the whole batch (an expanded parameter, stride 0) as one 2-D matrix,
-    so that `[B, C, d] @ W^T` is one matmul over B*C rows."""
-    return w[0] if w.dim() == 3 and w.stride(0) == 0 else w
-
-
-def _apply(x: torch.Tensor, w: torch.Tensor, transpose: bool = True) -> torch.Tensor:
-    """`x @ w^T` (or `x @ w`) for x [B, C, in] and a per-sample [B, out, in] or shared 2-D weight.
-    A shared weight is applied to the B*C rows as one explicit matmul: `torch.matmul` chooses
-    between folding and batching by `requires_grad`, which changes the last bits of the result."""
-    w = _weight(w)
-    w = w.transpose(-1, -2) if transpose else w
-    if w.dim() == 2:
-        return (x.reshape(-1, x.shape[-1]) @ w).view(*x.shape[:-1], w.shape[-1])
-    return x @ w
-
-
-def _column_energy(down: torch.Tensor) -> torch.Tensor:
-    """`||down[:, i]||^2` of a shared [Dm, I] or per-sample [B, Dm, I] weight, as [I] or [B, 1, I]
-    (broadcast against a chunk's [B, C, I] activations)."""
-    energy = (_weight(down) ** 2).sum(-2)
-    return energy if energy.dim() == 1 else energy.unsqueeze(1)
-
-
-def _step_energies(n: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, hidden: torch.Tensor, down: torch.Tensor):
-    """The step's normalisers before the max(1, .): `sum_t ||u_t||^2 g_t` for gate, up and down ([B] each),
-    and the gains `g_t` of gate and up ([B, C] each, no gradient; `ops_reference.swiglu_gains`).
-    n: [B, C, d] and hidden: [B, C, I] with padding rows zeroed; gate, up: [B, C, I]; down: the fast weight."""
-    gain_gate, gain_up = swiglu_gains(_column_energy(down), gate, up)
-    energy_in = (n * n).sum(-1)  # [B, C]
-    energies = ((energy_in * gain_gate).sum(1), (energy_in * gain_up).sum(1), (hidden * hidden).sum((1, 2)))
-    return energies, (gain_gate, gain_up)
-
-
-def swiglu_chunk(weights: Weights, n: torch.Tensor):
-    """Per-sample SwiGLU on a chunk. n: [B, C, Dm]; gate/up: [B, I, Dm]; down: [B, Dm, I].
-    Returns (output [B, C, Dm], gate pre-activation, up, hidden [B, C, I])."""
-    gate = _apply(n, weights["gate"])
-    up = _apply(n, weights["up"])
-    hidden = F.silu(gate) * up
-    return _apply(hidden, weights["down"]), gate, up, hidden
-
-
-def swiglu_chunk_gradient_sum(weights: Weights, n: torch.Tensor, target: torch.Tensor, active: Optional[torch.Tensor]):
-    """Outputs, the sum over a chunk's real tokens of the gradients of
-    `1/2 ||swiglu(n_t) - target_t||^2` w.r.t. gate, up, down (the hand-derived
-    `ops_reference.swiglu_gradients`, summed by one matmul each), and the normalisers of the step:
-    per weight, `max(1, sum_t ||u_t||^2 g_t)` of its layer input and gain ([B]).
-    n, target: [B, C, Dm]; active: [B, C] or None."""
-    out, gate, up, hidden = swiglu_chunk(weights, n)
-    error = out - target
-    keep = None if active is None else active.unsqueeze(-1).to(error.dtype)
-    if keep is not None:
-        error = error * keep
-    grad_hidden = _apply(error, weights["down"], transpose=False)  # [B, C, I]
-    sig = torch.sigmoid(gate)
-    grad_gate = grad_hidden * up * sig * (1 + gate * (1 - sig))
-    grad_up = grad_hidden * F.silu(gate)
-    state_dtype = weights["gate"].dtype
-    sums = {
-        "gate": grad_gate.transpose(-1, -2) @ n,
-        "up": grad_up.transpose(-1, -2) @ n,
-        "down": error.transpose(-1, -2) @ hidden,
-    }
-    n_real, hidden_real = (n, hidden) if keep is None else (n * keep, hidden * keep)
-    energies, _ = _step_energies(n_real, gate, up, hidden_real, weights["down"])
-    norms = {name: energy.clamp(min=1.0) for name, energy in zip(NAMES, energies)}
-    return out, {name: g.to(state_dtype) for name, g in sums.items()}, norms
-
-
-def _decayed(theta: Weights, total: Weights, norms: Dict[str, torch.Tensor], eta: torch.Tensor, alpha: torch.Tensor) -> Weights:
-    """`alpha * theta - eta * total / norm` (the normalised step of `ops_reference.cms_scan`);
-    without autograd, in two passes over each weight."""
-    step = {name: (eta / norms[name]).view(-1, 1, 1).to(theta[name].dtype) for name in theta}
-    if torch.is_grad_enabled():
-        return {name: alpha * theta[name] - step[name] * total[name] for name in theta}
-    return {name: (theta[name] * float(alpha)).sub_(step[name] * total[name]) for name in theta}
+from .cache_hope import CMSState
+from .chunk_grid import ChunkGrid, in_state_precision, select_where
+from .primitives import SWIGLU_NAMES, SwiGLUPass, apply_weight, shared_weight, silu_second
 
 
 class Frame:
@@ -163,11 +75,10 @@ class Frame:
 
 
 @in_state_precision
-def cms_chunked(
+def cms_chunk(
+    *,
     n: torch.Tensor,
-    theta: Weights,
-    buffer: Optional[torch.Tensor],
-    num_updates: torch.Tensor,
+    state: CMSState,
     seen: torch.Tensor,
     mask: torch.Tensor,
     value_weight: torch.Tensor,
@@ -175,61 +86,67 @@ def cms_chunked(
     alpha: torch.Tensor,
     chunk_size: int,
     updates: bool,
-):
-    """Chunk-parallel `ops_reference.cms_scan` (same arguments and results)."""
+    recompute_above: int = 16,
+) -> Tuple[torch.Tensor, CMSState]:
+    """Chunk-parallel `cms_naive.cms_naive` (same arguments and results). `recompute_above`: training
+    over more chunks than this keeps the fast weights only every ~sqrt(#chunks) chunks."""
     batch = n.shape[0]
-    if buffer is None:
-        buffer = n.new_zeros(batch, chunk_size, n.shape[-1])
+    theta, num_updates = state.theta, state.num_updates
+    buffer = state.buffer if state.buffer is not None else n.new_zeros(batch, chunk_size, n.shape[-1])
+    weights = [theta[k] for k in SWIGLU_NAMES]
     if not updates:
-        return swiglu_chunk(theta, n)[0], theta, buffer, num_updates
+        return SwiGLUPass(weights, n).out, CMSState(theta, buffer, num_updates)
     grid = ChunkGrid(seen, mask, chunk_size)
     if n.shape[1] == 1:
-        return _cms_token(n, theta, buffer, num_updates, seen, mask, value_weight, eta, alpha, grid)
+        return _cms_token(n, state, buffer, seen, mask, value_weight, eta, alpha, grid)
     frame = Frame(grid, n, buffer, seen, mask)
     if grid.uniform and torch.is_grad_enabled():
-        target = _apply(frame.x, value_weight)
-        y, *weights = CMSChunkFunction.apply(
-            frame.x, target, eta, alpha, tuple(frame.segments), tuple(grid.completes), frame.lo,
-            *(theta[k] for k in NAMES),
+        target = apply_weight(frame.x, value_weight)
+        y, *end = CMSChunkFunction.apply(
+            frame.x, target, eta, alpha, tuple(frame.segments), tuple(grid.completes), frame.lo, recompute_above,
+            *weights,
         )
         num_updates = num_updates + sum(1 for done in grid.completes if done)
-        return y.to(n.dtype), dict(zip(NAMES, weights)), frame.next_buffer(chunk_size), num_updates
+        return y.to(n.dtype), CMSState(dict(zip(SWIGLU_NAMES, end)), frame.next_buffer(chunk_size), num_updates)
     outputs, pad_outputs = [], []
     for i, (completes, pads) in enumerate(zip(grid.completes, grid.pads)):
         start, stop = frame.segments[i]
         out_start = frame.out_starts[i]
+        weights = [theta[k] for k in SWIGLU_NAMES]
         if pads is not None:  # padding reads the chunk-start weights, like the next real token
-            chosen = {name: w.expand(batch, *w.shape[1:])[pads[0]] for name, w in theta.items()}
-            pad_outputs.append(swiglu_chunk(chosen, n[pads].unsqueeze(1))[0].squeeze(1))
+            chosen = [w.expand(batch, *w.shape[1:])[pads[0]] for w in weights]
+            pad_outputs.append(SwiGLUPass(chosen, n[pads].unsqueeze(1)).out.squeeze(1))
         else:
             pad_outputs.append(None)
         if completes is False:
-            outputs.append(swiglu_chunk(theta, frame.x[:, out_start:stop])[0])
+            outputs.append(SwiGLUPass(weights, frame.x[:, out_start:stop]).out)
             continue
         x = frame.x[:, start:stop]
-        out, total, norms = swiglu_chunk_gradient_sum(theta, x, _apply(x, value_weight), frame.segment_active(i))
-        outputs.append(out[:, out_start - start :])
-        theta = select_where(completes, _decayed(theta, total, norms, eta, alpha), theta)
+        chunk = SwiGLUPass(weights, x, apply_weight(x, value_weight), frame.segment_active(i))
+        outputs.append(chunk.out[:, out_start - start :])
+        theta = select_where(completes, dict(zip(SWIGLU_NAMES, chunk.step(weights, eta, alpha))), theta)
         num_updates = num_updates + (1 if completes is True else completes.long())
     y = grid.gather(torch.cat(outputs, dim=1), pad_outputs)
-    return y.to(n.dtype), theta, frame.next_buffer(chunk_size), num_updates
+    return y.to(n.dtype), CMSState(theta, frame.next_buffer(chunk_size), num_updates)
 
 
-def _cms_token(n, theta, buffer, num_updates, seen, mask, value_weight, eta, alpha, grid: ChunkGrid):
+def _cms_token(n, state: CMSState, buffer, seen, mask, value_weight, eta, alpha, grid: ChunkGrid) -> Tuple[torch.Tensor, CMSState]:
     """One token per sample (decoding): read, buffer the input, and for the samples whose chunk
     it completes, take the chunk's gradient from the buffer and update."""
     chunk_size = buffer.shape[1]
-    out = swiglu_chunk(theta, n)[0]
+    theta, num_updates = state.theta, state.num_updates
+    weights = [theta[k] for k in SWIGLU_NAMES]
+    out = SwiGLUPass(weights, n).out
     slot = (seen % chunk_size)[:, None] == torch.arange(chunk_size, device=n.device)[None, :]  # [B, C]
     write = slot & mask[:, :1]
     buffer = torch.where(write[..., None], n.to(buffer.dtype), buffer)
     completes = grid.completes[0]
     if completes is not False:
-        _, total, norms = swiglu_chunk_gradient_sum(theta, buffer, _apply(buffer, value_weight.to(buffer.dtype)), None)
-        theta = select_where(completes, _decayed(theta, total, norms, eta, alpha), theta)
+        chunk = SwiGLUPass(weights, buffer, apply_weight(buffer, value_weight.to(buffer.dtype)))
+        theta = select_where(completes, dict(zip(SWIGLU_NAMES, chunk.step(weights, eta, alpha))), theta)
         buffer = torch.zeros_like(buffer) if completes is True else buffer * (~completes).view(-1, 1, 1)
         num_updates = num_updates + (1 if completes is True else completes.long())
-    return out, theta, buffer, num_updates
+    return out, CMSState(theta, buffer, num_updates)
 
 
 # --- the hand-derived backward ---------------------------------------------------------------------
@@ -239,40 +156,6 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(a @ b)
     else:
         acc.baddbmm_(a, b)
-
-
-class _Chunk:
-    """Activations of one chunk, recomputed from its inputs and chunk-start weights; with
-    `target=None` only the forward (what an open chunk needs)."""
-
-    def __init__(self, weights: Tuple[torch.Tensor, ...], n: torch.Tensor, target: Optional[torch.Tensor]) -> None:
-        gate_w, up_w, down_w = weights
-        self.n = n
-        self.gate = _apply(n, gate_w)  # [B, C, I]
-        self.up = _apply(n, up_w)
-        self.sig = torch.sigmoid(self.gate)
-        self.act = self.gate * self.sig  # silu(gate)
-        self.hidden = self.act * self.up
-        self.out = _apply(self.hidden, down_w)  # [B, C, d]
-        self.dsilu = self.sig * (1 + self.gate * (1 - self.sig))
-        if target is None:
-            return
-        self.error = self.out - target
-        self.grad_hidden = _apply(self.error, down_w, transpose=False)  # [B, C, I]
-        self.grad_gate = self.grad_hidden * self.up * self.dsilu
-        self.grad_up = self.grad_hidden * self.act
-        self.energies, (self.gain_gate, self.gain_up) = _step_energies(n, self.gate, self.up, self.hidden, down_w)
-
-    def rates(self, eta: float) -> Tuple[torch.Tensor, ...]:
-        """eta / max(1, energy) for gate, up and down, [B, 1, 1] each."""
-        return tuple((eta / energy.clamp(min=1.0)).view(-1, 1, 1) for energy in self.energies)
-
-    def step(self, weights, eta: float, alpha: float):
-        """The fast weights after this (complete) chunk."""
-        n = self.n
-        sums = (self.grad_gate.transpose(-1, -2) @ n, self.grad_up.transpose(-1, -2) @ n,
-                self.error.transpose(-1, -2) @ self.hidden)
-        return tuple(alpha * w - r.to(w.dtype) * g.to(w.dtype) for w, r, g in zip(weights, self.rates(eta), sums))
 
 
 def _owned(t: torch.Tensor, inputs) -> torch.Tensor:
@@ -285,18 +168,19 @@ class CMSChunkFunction(torch.autograd.Function):
 
     Inputs: x, target [B, L, d] (the frame: buffered rows then this call's tokens); eta, alpha:
     0-dim tensors; segments: ((start, stop), ...) frame chunks; completes: (bool, ...); out_start:
-    the first slot whose output is returned; gate, up, down: chunk-start fast weights.
+    the first slot whose output is returned; recompute_above: above this many chunks, keep the
+    weights only every ~sqrt(#chunks) chunks; gate, up, down: chunk-start fast weights.
     Outputs: y [B, L - out_start, d] and the end weights.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, x, target, eta, alpha, segments, completes, out_start, gate, up, down):
+    def forward(ctx, x, target, eta, alpha, segments, completes, out_start, recompute_above, gate, up, down):
         weights = (gate, up, down)
         eta_f, alpha_f = float(eta), float(alpha)
         # Keep the weights at the start of every `block`-th chunk (every chunk for short inputs);
         # the backward recomputes the others inside a block.
-        block = math.ceil(math.sqrt(len(segments))) if len(segments) > 16 else 1
+        block = math.ceil(math.sqrt(len(segments))) if len(segments) > recompute_above else 1
         checkpoints: List[Tuple] = []
         outputs = []
         for i, ((start, stop), complete) in enumerate(zip(segments, completes)):
@@ -304,9 +188,9 @@ class CMSChunkFunction(torch.autograd.Function):
                 checkpoints.append(weights)
             first = max(start, out_start)
             if not complete:  # an open chunk: outputs only
-                outputs.append(_Chunk(weights, x[:, first:stop], None).out)
+                outputs.append(SwiGLUPass(weights, x[:, first:stop]).out)
                 continue
-            chunk = _Chunk(weights, x[:, start:stop], target[:, start:stop])
+            chunk = SwiGLUPass(weights, x[:, start:stop], target[:, start:stop])
             outputs.append(chunk.out[:, first - start :])
             weights = chunk.step(weights, eta_f, alpha_f)
         ctx.segments, ctx.completes, ctx.block, ctx.checkpoints = segments, completes, block, checkpoints
@@ -347,7 +231,7 @@ class CMSChunkFunction(torch.autograd.Function):
             for i in range(first_chunk, last_chunk):
                 start, stop = segments[i]
                 emitted = max(start, out_start)
-                chunk = _Chunk(weights, x_all[:, start:stop] if completes[i] else x_all[:, emitted:stop],
+                chunk = SwiGLUPass(weights, x_all[:, start:stop] if completes[i] else x_all[:, emitted:stop],
                                target[:, start:stop] if completes[i] else None)
                 replay.append((weights, chunk))
                 if completes[i] and i < last_chunk - 1:
@@ -358,7 +242,7 @@ class CMSChunkFunction(torch.autograd.Function):
                 x = chunk.n
                 lo = start if completes[i] else max(start, out_start)  # the slots `chunk` covers
                 emitted = max(start, out_start)
-                gate_w, up_w, down_w = (_weight(w) for w in weights)
+                gate_w, up_w, down_w = (shared_weight(w) for w in weights)
                 # this chunk's outputs' gradient, zero on the rows emitted by an earlier call
                 d_out = grad_y[:, emitted - out_start : stop - out_start].to(chunk.out.dtype)
                 if emitted > lo:
@@ -392,9 +276,7 @@ class CMSChunkFunction(torch.autograd.Function):
                     d_grad_hidden = d_grad_up * chunk.act + d_grad_gate * chunk.up * chunk.dsilu
                     d_act = d_grad_up * chunk.grad_hidden
                     d_up = d_grad_gate * chunk.grad_hidden * chunk.dsilu
-                    sig = chunk.sig
-                    d2silu = sig * (1 - sig) * (2 + chunk.gate * (1 - 2 * sig))
-                    d_gate = d_grad_gate * chunk.grad_hidden * chunk.up * d2silu
+                    d_gate = d_grad_gate * chunk.grad_hidden * chunk.up * silu_second(chunk.gate)
                     # grad_hidden = error @ down; error = out - target
                     d_error = scale_hidden * q_error + d_grad_hidden @ down_w.transpose(-1, -2)
                     grad_target[:, start:stop] -= d_error.to(grad_target.dtype)
@@ -417,5 +299,5 @@ class CMSChunkFunction(torch.autograd.Function):
                 _accumulate(d_weights[2], d_out.transpose(-1, -2).to(chunk.hidden.dtype), chunk.hidden)
                 if d_grad_hidden is not None:
                     _accumulate(d_weights[2], chunk.error.transpose(-1, -2), d_grad_hidden)
-        return (grad_x, grad_target, grad_eta.to(eta.dtype), grad_alpha.to(alpha.dtype), None, None, None,
+        return (grad_x, grad_target, grad_eta.to(eta.dtype), grad_alpha.to(alpha.dtype), None, None, None, None,
                 *d_weights)

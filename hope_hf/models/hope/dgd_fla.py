@@ -1,6 +1,6 @@
 """flash-linear-attention kernels for the linear-memory DGD recurrence (CUDA only).
 
-Within a chunk, a linear memory's DGD update (`ops_chunked.dgd_terms` / `dgd_chunk`) is
+Within a chunk, a linear memory's DGD update (`primitives.dgd_terms`, `dgd_chunk.ChunkSolve`) is
 
     W_t = alpha_t W_{t-1} (I - (eta_t / alpha_t) u_t u_t^T) + w_t u_t^T,    W: [out, in],
 
@@ -15,7 +15,7 @@ which is the same recurrence with `k = u`, `g = log alpha`, `beta = eta / alpha`
 `eta = 0, alpha = 1`: `beta = 0, g = 0`, a no-op.
 
 Only the end state is taken from fla: with `memory_read="token"` the main memory's per-token reads
-`M_{t-1}(q_t)` come from the torch solve (`ops_chunked.ChunkSolve.reads`), since fla's outputs
+`M_{t-1}(q_t)` come from the torch solve (`dgd_chunk.ChunkSolve.reads`), since fla's outputs
 `h_t^T q_t` include token t's own write.
 
 `gated_delta_inputs` is the mapping (pure torch, tested on CPU against
@@ -63,16 +63,18 @@ def use_fla(weight: torch.Tensor) -> bool:
 
 
 def fla_dgd_chunk(
-    weight: torch.Tensor, unit: torch.Tensor, write_per_eta: torch.Tensor, eta: torch.Tensor, log_alpha: torch.Tensor
+    weight: torch.Tensor, unit: torch.Tensor, write_per_eta: torch.Tensor, eta: torch.Tensor, log_alpha: torch.Tensor,
+    compute_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """`ops_chunked.dgd_chunk` for a linear memory through `chunk_gated_delta_rule` (CUDA).
-    Shapes as in `gated_delta_inputs`; returns W_C [N, O, I] in the state's dtype."""
+    """`dgd_chunk.dgd_chunk` for a linear memory through `chunk_gated_delta_rule` (CUDA), its inputs
+    in `compute_dtype` (`HopeConfig.fla_dtype`; fla's chunk kernels run in half precision), the state
+    in float32. Shapes as in `gated_delta_inputs`; returns W_C [N, O, I] in the state's dtype."""
     try:  # optional dependency (in a try block: transformers' remote-code import check skips it)
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     except ImportError as error:
         raise RuntimeError("fla_dgd_chunk needs flash-linear-attention (pip install 'hope-hf[cuda]')") from error
     k, v, g, beta, h0 = gated_delta_inputs(weight, unit, write_per_eta, eta, log_alpha)
-    compute = torch.bfloat16  # fla's chunk kernels run in half precision; the state stays float32
+    compute = compute_dtype
     q = torch.zeros_like(k, dtype=compute)  # the per-token outputs are not used: reads use the chunk start
     _, final = chunk_gated_delta_rule(
         q, k.to(compute), v.to(compute), g.float(), beta.to(compute),

@@ -1,27 +1,132 @@
-"""`HopeCache`: the fast-weight state of a HOPE model, carried across forward and generate() calls.
+"""`HopeCache`: the fast-weight state of a HOPE model, carried across forward and generate() calls,
+and the typed state it holds (docs/design.md §6).
 
-Everything is per sample and batch-first (counters are `[B]` tensors), so beam reordering,
-`batch_select_indices` and left padding are plain indexing. Per layer, a flat dict of tensors:
-- memories: `mem.<X>.<W>` (current state) and `mem.<X>.<W>.start` (chunk-start state);
-- the short-convolution tail `conv` [B, conv_window - 1, d];
-- attention: `keys`/`values` [B, H, L, D] and `key_mask` [B, L];
-- CMS level l: `cms.<l>.<gate|up|down>` fast weights, `cms.<l>.buffer` [B, C_l, d] the inputs of
-  the open chunk (rows `[0, seen % C_l)`, the rest zero: the chunk's gradient is taken when it
-  completes), `cms.<l>.num_updates` [B].
-Cache-wide: `seen_tokens` [B] (real tokens per sample) and `seen_columns` (input columns, pads
-included: what `generate()` asks `get_seq_length()` for).
+Per layer a `LayerState`: the short-convolution tail, each in-context memory's `MemoryState`
+(chunk-start and current weights), the attention KV pairs of `mixer="attention"`, and each updated
+CMS level's `CMSState` (fast weights, the open chunk's inputs, update counter). Everything is per
+sample and batch-first (counters are `[B]` tensors), so beam reordering, `batch_select_indices`
+and left padding are plain indexing. Cache-wide: `seen_tokens` [B] (real tokens per sample) and
+`seen_columns` (input columns, pads included: what `generate()` asks `get_seq_length()` for).
+
+`LayerState.flatten` / `unflatten` name every tensor as the cache file stores it:
+- memories: `mem.<X>.<W>` (current) and `mem.<X>.<W>.start` (chunk start), X in k, v, eta, alpha, mem;
+- `conv` [B, conv_window - 1, d]; attention `keys`/`values` [B, H, L, D] and `key_mask` [B, L];
+- CMS level l: `cms.<l>.<gate|up|down>`, `cms.<l>.buffer` [B, C_l, d] (rows `[0, seen % C_l)` filled,
+  the rest zero), `cms.<l>.num_updates` [B].
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
 
 import torch
 from transformers.cache_utils import Cache
 
 from .configuration_hope import SELF_MODIFYING_MEMORIES
+
+Tensors = Dict[str, torch.Tensor]
+
+
+@dataclass
+class MemoryState:
+    """One in-context memory (docs/design.md §4): its weights at the start of the open chunk, where the
+    inner gradients are taken, and now. Each: name -> [B, H, O, I] (`W1`, `W2` or `W`)."""
+
+    start: Tensors
+    current: Tensors
+
+    @classmethod
+    def fresh(cls, weights: Tensors) -> "MemoryState":
+        """A memory at the start of a chunk: both states are `weights`."""
+        return cls(dict(weights), dict(weights))
+
+    def flatten(self, prefix: str = "") -> Tensors:
+        out = {}
+        for name, tensor in self.current.items():
+            out[f"{prefix}{name}"] = tensor
+            out[f"{prefix}{name}.start"] = self.start[name]
+        return out
+
+    @classmethod
+    def unflatten(cls, tensors: Tensors, prefix: str = "") -> "MemoryState":
+        names = [key[len(prefix):] for key in tensors if key.startswith(prefix) and not key.endswith(".start")]
+        return cls({n: tensors[f"{prefix}{n}.start"] for n in names}, {n: tensors[f"{prefix}{n}"] for n in names})
+
+
+@dataclass
+class CMSState:
+    """One in-context-updated CMS level (docs/design.md §5): the fast weights `theta` (`gate`, `up`
+    [B, I, d], `down` [B, d, I]), the inputs of the open chunk `buffer` [B, C, d] (None: empty) and
+    the updates made so far `num_updates` [B]."""
+
+    theta: Tensors
+    buffer: Optional[torch.Tensor]
+    num_updates: torch.Tensor
+
+    def flatten(self, prefix: str = "") -> Tensors:
+        out = {f"{prefix}{name}": tensor for name, tensor in self.theta.items()}
+        if self.buffer is not None:
+            out[f"{prefix}buffer"] = self.buffer
+        out[f"{prefix}num_updates"] = self.num_updates
+        return out
+
+    @classmethod
+    def unflatten(cls, tensors: Tensors, prefix: str = "") -> "CMSState":
+        theta = {key[len(prefix):]: t for key, t in tensors.items()
+                 if key.startswith(prefix) and key[len(prefix):] not in ("buffer", "num_updates")}
+        return cls(theta, tensors.get(f"{prefix}buffer"), tensors[f"{prefix}num_updates"])
+
+
+# State tensors that hold projections' outputs: kept in the compute dtype of the call that wrote them
+# (bf16 under autocast); every other floating-point tensor is in the state dtype.
+COMPUTE_DTYPE_STATE = ("conv", "keys", "values")
+
+
+@dataclass
+class LayerState:
+    """The state of one `HopeBlock` (all optional: an empty state is a layer before its first call)."""
+
+    conv: Optional[torch.Tensor] = None  # [B, conv_window - 1, d]
+    memories: Dict[str, MemoryState] = field(default_factory=dict)  # memory name -> state
+    keys: Optional[torch.Tensor] = None  # [B, H, L, D]
+    values: Optional[torch.Tensor] = None
+    key_mask: Optional[torch.Tensor] = None  # [B, L] bool
+    cms: Dict[int, CMSState] = field(default_factory=dict)  # level index -> state
+
+    def copy(self) -> "LayerState":
+        """A new state holding the same tensors, whose fields a forward may replace without touching this one."""
+        return LayerState(self.conv, dict(self.memories), self.keys, self.values, self.key_mask, dict(self.cms))
+
+    def flatten(self) -> Tensors:
+        """name -> tensor, with the names of the cache file (module docstring)."""
+        out = {name: getattr(self, name) for name in ("conv", "keys", "values", "key_mask") if getattr(self, name) is not None}
+        for name, memory in self.memories.items():
+            out.update(memory.flatten(f"mem.{name}."))
+        for level, cms in self.cms.items():
+            out.update(cms.flatten(f"cms.{level}."))
+        return out
+
+    @classmethod
+    def unflatten(cls, tensors: Tensors) -> "LayerState":
+        """The inverse of `flatten`."""
+        memories = sorted({key.split(".")[1] for key in tensors if key.startswith("mem.")})
+        levels = sorted({int(key.split(".")[1]) for key in tensors if key.startswith("cms.")})
+        return cls(
+            tensors.get("conv"),
+            {name: MemoryState.unflatten(tensors, f"mem.{name}.") for name in memories},
+            tensors.get("keys"), tensors.get("values"), tensors.get("key_mask"),
+            {level: CMSState.unflatten(tensors, f"cms.{level}.") for level in levels},
+        )
+
+    def apply(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> "LayerState":
+        """A state with `fn(name, tensor)` in place of every tensor."""
+        return LayerState.unflatten({name: fn(name, tensor) for name, tensor in self.flatten().items()})
+
+    def __bool__(self) -> bool:
+        return bool(self.flatten())
 
 
 CACHE_FORMAT = "hope-cache-v2"
@@ -30,10 +135,6 @@ CACHE_FORMAT = "hope-cache-v2"
 def signature_diff(cached: dict, expected: dict) -> dict:
     """The fields where two state signatures differ: name -> (cached, expected)."""
     return {k: (cached.get(k), v) for k, v in expected.items() if cached.get(k) != v}
-
-
-# State tensors that hold projections' outputs, in the compute dtype (bf16 under autocast).
-COMPUTE_DTYPE_STATE = ("keys", "values", "conv")
 
 
 def _in_state_dtype(name: str, tensor: torch.Tensor) -> bool:
@@ -50,10 +151,10 @@ def expected_layer_state(config, batch_size: int, seen_columns: int) -> Dict[str
     d, heads, dim = config.hidden_size, config.num_heads, config.head_dim
     spec: Dict[str, tuple] = {}
     if config.mixer == "attention":
-        spec["keys"] = spec["values"] = ((batch_size, heads, seen_columns, dim), "any-float")
+        spec["keys"] = spec["values"] = ((batch_size, heads, seen_columns, dim), "float")
         spec["key_mask"] = ((batch_size, seen_columns), "bool")
     else:
-        spec["conv"] = ((batch_size, config.conv_window - 1, d), "any-float")
+        spec["conv"] = ((batch_size, config.conv_window - 1, d), "float")
         names = ("mem",) if config.mixer == "titans" else SELF_MODIFYING_MEMORIES
         if config.memory_type == "deep":
             weights = {"W1": (heads, dim, config.memory_dim), "W2": (heads, config.memory_dim, dim)}
@@ -70,7 +171,8 @@ def expected_layer_state(config, batch_size: int, seen_columns: int) -> Dict[str
         spec[f"cms.{level}.down"] = ((batch_size, d, inner), "float")
         spec[f"cms.{level}.buffer"] = ((batch_size, size, d), "float")
         spec[f"cms.{level}.num_updates"] = ((batch_size,), "long")
-    return spec
+    return {name: ((shape, "any-float") if name in COMPUTE_DTYPE_STATE else (shape, kind))
+            for name, (shape, kind) in spec.items()}
 
 
 def validate_state(tensors: Dict[str, torch.Tensor], config, seen_columns: int) -> List[str]:
@@ -106,7 +208,7 @@ def validate_state(tensors: Dict[str, torch.Tensor], config, seen_columns: int) 
 
 
 class HopeCacheLayer:
-    """State of one `HopeBlock`: a flat dict of batch-first tensors."""
+    """The state of one `HopeBlock` in a cache: a `LayerState`."""
 
     is_compileable = False
     is_croppable = False
@@ -114,14 +216,14 @@ class HopeCacheLayer:
     supports_early_init = False
 
     def __init__(self) -> None:
-        self.state: Dict[str, torch.Tensor] = {}
+        self.state = LayerState()
 
     @property
     def is_initialized(self) -> bool:
         return bool(self.state)
 
-    def _apply(self, fn) -> None:
-        self.state = {name: fn(tensor) for name, tensor in self.state.items()}
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.state = self.state.apply(lambda name, tensor: fn(tensor))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply(lambda x: x.index_select(0, beam_idx.to(x.device)))
@@ -133,7 +235,7 @@ class HopeCacheLayer:
         self._apply(lambda x: x[indices.to(x.device)])
 
     def reset(self) -> None:
-        self.state = {}
+        self.state = LayerState()
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError("HopeCache cannot be cropped: fast weights cannot forget the tokens they have learned from")
@@ -145,7 +247,7 @@ class HopeCacheLayer:
         pass
 
     def __repr__(self) -> str:
-        return f"HopeCacheLayer({len(self.state)} tensors)"
+        return f"HopeCacheLayer({len(self.state.flatten())} tensors)"
 
 
 class HopeCache(Cache):
@@ -188,7 +290,8 @@ class HopeCache(Cache):
         or None for a static level."""
         out = []
         for level, size in enumerate(self.signature["cms_chunk_sizes"]):
-            out.append(None if size is None else self.layers[layer_idx].state.get(f"cms.{level}.num_updates"))
+            level_state = self.layers[layer_idx].state.cms.get(level)
+            out.append(None if size is None or level_state is None else level_state.num_updates)
         return out
 
     # --- batch manipulation (beam search, batch selection) ------------------------------------
@@ -214,7 +317,7 @@ class HopeCache(Cache):
         self.seen_columns = 0
 
     # --- a forward's result --------------------------------------------------------------------
-    def commit(self, layer_states: List[Dict[str, torch.Tensor]], seen_tokens: torch.Tensor, seen_columns: int) -> None:
+    def commit(self, layer_states: List[LayerState], seen_tokens: torch.Tensor, seen_columns: int) -> None:
         """Swap in the state a forward computed, all layers at once: a forward that fails part way
         never reaches this, so the cache keeps the state from before that call."""
         if len(layer_states) != len(self.layers):
@@ -230,7 +333,7 @@ class HopeCache(Cache):
         """The dtype of the fast weights and chunk buffers (None before the first call or for an
         attention-only model)."""
         for layer in self.layers:
-            for name, tensor in layer.state.items():
+            for name, tensor in layer.state.flatten().items():
                 if _in_state_dtype(name, tensor):
                     return tensor.dtype
         return None
@@ -273,7 +376,7 @@ class HopeCache(Cache):
             raise ValueError("HopeCache.save: the cache is empty (no token has been processed yet)")
         tensors = {"seen_tokens": self.seen_tokens.detach().contiguous().cpu()}
         for i, layer in enumerate(self.layers):
-            for name, tensor in layer.state.items():
+            for name, tensor in layer.state.flatten().items():
                 # clone: a chunk-start state may be the current state itself (a chunk just
                 # completed), and safetensors refuses tensors that share memory.
                 tensors[f"layers.{i}.{name}"] = tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
@@ -315,9 +418,12 @@ class HopeCache(Cache):
         if problems:
             raise ValueError(f"{path} is not a valid HopeCache for this config: " + "; ".join(problems))
         cache.seen_tokens = tensors.pop("seen_tokens")
+        per_layer: List[Tensors] = [{} for _ in cache.layers]
         for key, tensor in tensors.items():
             _, index, name = key.split(".", 2)
-            cache.layers[int(index)].state[name] = tensor
+            per_layer[int(index)][name] = tensor
+        for layer, state in zip(cache.layers, per_layer):
+            layer.state = LayerState.unflatten(state)
         return cache.to(dtype=dtype) if dtype is not None else cache
 
     def __repr__(self) -> str:

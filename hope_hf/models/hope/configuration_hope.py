@@ -1,6 +1,6 @@
 """Configuration of HOPE models (self-modifying Titans + Continuum Memory System).
 
-Every knob of the model lives here (see `SPEC.md` sections 1-4 and 9). Invalid values raise
+Every knob of the model lives here (the math: docs/design.md). Invalid values raise
 `ValueError` naming the field and what is accepted, at construction time.
 """
 
@@ -18,6 +18,12 @@ ACTIVATIONS = ("silu", "gelu", "tanh")
 SELF_MODIFYING_MEMORIES = ("k", "v", "eta", "alpha", "mem")
 SCAN_IMPLEMENTATIONS = ("chunked", "reference")
 MEMORY_READS = ("token", "chunk")
+FLA_DTYPES = ("bfloat16", "float16", "float32")
+# The fields that take one of a fixed set of strings.
+CHOICES = {
+    "mixer": MIXERS, "memory_type": MEMORY_TYPES, "memory_activation": ACTIVATIONS, "cms_variant": CMS_VARIANTS,
+    "scan_implementation": SCAN_IMPLEMENTATIONS, "memory_read": MEMORY_READS, "fla_dtype": FLA_DTYPES,
+}
 
 
 # Fields whose default changed after hope-hf 0.1.0 in a way that changes what a model computes (not
@@ -25,6 +31,32 @@ MEMORY_READS = ("token", "chunk")
 # (`HopeConfig.from_dict`), or a v1 adapter's `hope_kwargs`, gets that value, so a checkpoint keeps
 # computing what it computed when it was saved.
 LEGACY_DEFAULTS = {"memory_read": "chunk", "eta_max": 0.5}
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_non_negative_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_float(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_positive_float(value) -> bool:
+    return _is_float(value) and value > 0
+
+
+def _optional(test):
+    return lambda value: value is None or test(value)
+
+
+def _check(config, name: str, test, accepted: str) -> None:
+    value = getattr(config, name)
+    if not test(value):
+        raise ValueError(f"HopeConfig.{name} must be {accepted}, got {value!r}")
 
 
 class HopeConfig(PretrainedConfig):
@@ -47,19 +79,16 @@ class HopeConfig(PretrainedConfig):
         memory_read: Which state of the main memory `M_mem` a token reads: `"token"` the current
             state, `o_t = M_{t-1}(q_t)` (paper Eq. 88: a write is visible to the next token), or
             `"chunk"` the state at the start of the token's chunk (paper Eq. 90: nothing written
-            in a chunk is visible before it ends). Default `"token"` (issue 12, measured on MQAR 4 pairs,
-            64 tokens, default chunk sizes 16/64, 300 steps, 2 seeds: 0.322 / 0.300 against 0.0125 /
-            0.0125 (chance) for `"chunk"`, at ~1.3x the time per step; results/in_context/README.md).
+            in a chunk is visible before it ends). Default `"token"`: with `"chunk"` a prompt shorter
+            than `memory_chunk_size` cannot recall through `M_mem` (docs/design.md §8.6).
         eta_max: Upper bound of the per-token inner learning rate `eta_t = eta_max * sigmoid(.)`, in
             (0, 2]. Above 1 the DGD transition `alpha I - eta u~ u~^T` gets eigenvalues below 0 along
-            the key (state tracking, Grazzi et al. 2024); `memory_hope.step_bound` keeps the step
-            stable at any eta below 2. Default 2 (issue 12; formal languages, 300 steps, seed 0:
-            parity 1.0 / 0.795 at training / longer lengths against 0.5 / 0.5 with eta_max 1;
-            results/in_context/README.md).
-        eta_init: Initial inner learning rate as a fraction of `eta_max` (SPEC section 9: eta = 0.5 at
-            init, like DeltaNet's beta; 0.05 x 0.5 left the memory inert).
-        alpha_init: Initial retention `alpha_t` (SPEC section 9: keep it near 1; 0.97 decayed the
-            state 20x faster than the writes changed it).
+            the key (state tracking, Grazzi et al. 2024); `primitives.step_bound` keeps the step
+            stable at any eta below 2. Default 2 (docs/design.md §8.5).
+        eta_init: Initial inner learning rate as a fraction of `eta_max` (eta = 1 at init with the
+            default eta_max 2; docs/design.md §8.7).
+        alpha_init: Initial retention `alpha_t`, near 1 so that decay does not drown the writes
+            (docs/design.md §8.7).
         conv_window: Window of the causal depthwise convolution of the non-adaptive stage.
         cms_chunk_sizes: One Continuum Memory System level per entry, fastest first; an int `C_l` is
             a level whose fast weights are updated every `C_l` tokens, `None` a static level
@@ -73,14 +102,22 @@ class HopeConfig(PretrainedConfig):
             stable below 2).
         cms_alpha_init: Initial retention `alpha_l = sigmoid(.)` of the CMS levels.
         scan_implementation: How the memories and CMS levels are computed: `"chunked"` (default,
-            chunk-parallel, `ops_chunked.py`) or `"reference"` (the per-token loop of
-            `ops_reference.py` that reads like the equations). Both give the same outputs and
-            states; `hope_hf.scan_implementation(name)` overrides it for a block of code.
+            chunk-parallel: `dgd_chunk.py`, `cms_chunk.py`) or `"reference"` (the per-token loops of
+            `dgd_naive.py`, `cms_naive.py` that read like the equations). Both give the same outputs
+            and states; `hope_hf.scan_implementation(model, name)` overrides it for a block of code.
         scan_recompute_threshold: Training memory of the chunked path: a call that spans more than
             this many chunks of a memory recomputes the scan's activations in the backward
             (checkpoints every ~sqrt(#chunks) chunks) instead of keeping them; `None` never
             recomputes. It trades ~1/3 more mixer compute for ~5x less mixer memory; outputs and
             gradients are identical.
+        cms_recompute_threshold: Training memory of a CMS level's hand-written backward on aligned
+            batches: above this many chunks its fast weights are kept only every ~sqrt(#chunks)
+            chunks and recomputed inside a block; results are identical.
+        use_fla_kernels: On CUDA with flash-linear-attention installed, compute a linear memory's
+            end-of-chunk state with fla's `chunk_gated_delta_rule` (not where per-token reads need the
+            torch solve). `False`: always the torch solve.
+        fla_dtype: The dtype fla's kernel computes in (`"bfloat16"`, `"float16"` or `"float32"`); the
+            state stays float32.
         in_context_updates: If `False`, no memory and no CMS level is ever updated inside the
             forward pass (the ablation "without in-context learning"): memories are read at their
             initial state.
@@ -90,12 +127,9 @@ class HopeConfig(PretrainedConfig):
         memory_init_range: Standard deviation of the initial states of the deep memories'
             weights (small, so that a residual memory starts near the identity).
         key_value_init_range: The same for the key and value memories `M_k`, `M_v` of the
-            self-modifying mixer, deep memories only (None: `memory_init_range`; linear memories
-            always use `memory_init_range`, the larger init was not measured for them). Larger, k and the self-generated
-            target start apart, so the memory writes from the first token (issue 12). Default 0.3:
-            MQAR 4 pairs (64 tokens, 16/64 chunks, token reads, 300 steps, lr 3e-3) 0.343 / 0.345
-            (seeds 0/1) against 0.322 / 0.300 with 0.02; the far-token reach at init (40 tokens)
-            0.14 / 0.19 against 0.013 / 0.018 (results/in_context/README.md).
+            self-modifying mixer, deep memories only (None: `memory_init_range`). Larger, k and the
+            self-generated target start apart, so the memory writes from the first token
+            (docs/design.md §8.8).
         rope_theta: RoPE base of the attention mixer.
         attention_bias: Whether the attention mixer's projections have biases.
         tie_word_embeddings: Tie the LM head to the token embedding.
@@ -130,6 +164,9 @@ class HopeConfig(PretrainedConfig):
         in_context_updates: bool = True,
         scan_implementation: str = "chunked",
         scan_recompute_threshold: Optional[int] = 128,
+        cms_recompute_threshold: int = 16,
+        use_fla_kernels: bool = True,
+        fla_dtype: str = "bfloat16",
         rms_norm_eps: float = 1e-6,
         norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
@@ -169,6 +206,9 @@ class HopeConfig(PretrainedConfig):
         self.in_context_updates = in_context_updates
         self.scan_implementation = scan_implementation
         self.scan_recompute_threshold = scan_recompute_threshold
+        self.cms_recompute_threshold = cms_recompute_threshold
+        self.use_fla_kernels = use_fla_kernels
+        self.fla_dtype = fla_dtype
         self.rms_norm_eps = rms_norm_eps
         self.norm_eps = norm_eps
         self.initializer_range = initializer_range
@@ -202,70 +242,32 @@ class HopeConfig(PretrainedConfig):
         return 32 * math.ceil(8 * self.hidden_size / 3 / 32)
 
     def validate_hope(self) -> None:
-        """Raise `ValueError` naming the first invalid field."""
-
-        def positive_int(name: str, value) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"HopeConfig.{name} must be a positive int, got {value!r}")
-
-        def choice(name: str, value, accepted: Sequence[str]) -> None:
-            if value not in accepted:
-                raise ValueError(f"HopeConfig.{name} must be one of {list(accepted)}, got {value!r}")
-
-        def open_unit(name: str, value) -> None:
-            if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
-                raise ValueError(f"HopeConfig.{name} must be a float in (0, 1), got {value!r}")
-
+        """Raise `ValueError` naming the first invalid field and what it accepts."""
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "chunk_size",
                      "memory_chunk_size", "conv_window"):
-            positive_int(name, getattr(self, name))
-        if self.scan_recompute_threshold is not None and (
-            isinstance(self.scan_recompute_threshold, bool) or not isinstance(self.scan_recompute_threshold, int)
-            or self.scan_recompute_threshold < 0
-        ):
-            raise ValueError(f"HopeConfig.scan_recompute_threshold must be a non-negative int or None, "
-                             f"got {self.scan_recompute_threshold!r}")
-        if self.key_value_init_range is not None and (
-            not isinstance(self.key_value_init_range, (int, float)) or self.key_value_init_range <= 0
-        ):
-            raise ValueError(f"HopeConfig.key_value_init_range must be a positive float or None, "
-                             f"got {self.key_value_init_range!r}")
+            _check(self, name, _is_positive_int, "a positive int")
         for name in ("memory_hidden_size", "cms_intermediate_size"):
-            if getattr(self, name) is not None:
-                positive_int(name, getattr(self, name))
+            _check(self, name, _optional(_is_positive_int), "a positive int or None")
+        _check(self, "scan_recompute_threshold", _optional(_is_non_negative_int), "a non-negative int or None")
+        _check(self, "cms_recompute_threshold", _is_non_negative_int, "a non-negative int")
+        for name in ("rms_norm_eps", "norm_eps", "initializer_range", "memory_init_range", "rope_theta", "cms_eta_init"):
+            _check(self, name, _is_positive_float, "a positive float")
+        _check(self, "key_value_init_range", _optional(_is_positive_float), "a positive float or None")
+        for name in ("eta_init", "alpha_init", "cms_alpha_init"):
+            _check(self, name, lambda v: _is_float(v) and 0.0 < v < 1.0, "a float in (0, 1)")
+        _check(self, "eta_max", lambda v: _is_float(v) and 0.0 < v <= 2.0, "a float in (0, 2]")
+        for name in ("in_context_updates", "use_fla_kernels"):
+            _check(self, name, lambda v: isinstance(v, bool), "a bool")
+        for name, accepted in CHOICES.items():
+            _check(self, name, lambda v, accepted=accepted: v in accepted, f"one of {list(accepted)}")
+        _check(self, "cms_chunk_sizes", lambda v: isinstance(v, list) and all(e is None or _is_positive_int(e) for e in v),
+               "a list of positive ints or None")
         if self.hidden_size % self.num_heads != 0:
             raise ValueError(
                 f"HopeConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
             )
-        choice("mixer", self.mixer, MIXERS)
-        choice("memory_type", self.memory_type, MEMORY_TYPES)
-        choice("memory_activation", self.memory_activation, ACTIVATIONS)
-        choice("cms_variant", self.cms_variant, CMS_VARIANTS)
-        choice("scan_implementation", self.scan_implementation, SCAN_IMPLEMENTATIONS)
-        choice("memory_read", self.memory_read, MEMORY_READS)
         if self.mixer == "attention" and self.head_dim % 2 != 0:
             raise ValueError(f"HopeConfig: mixer='attention' needs an even head_dim (RoPE), got {self.head_dim}")
-        if not isinstance(self.eta_max, (int, float)) or not 0.0 < self.eta_max <= 2.0:
-            raise ValueError(f"HopeConfig.eta_max must be a float in (0, 2], got {self.eta_max!r}")
-        open_unit("eta_init", self.eta_init)
-        open_unit("alpha_init", self.alpha_init)
-        open_unit("cms_alpha_init", self.cms_alpha_init)
-        if not isinstance(self.cms_eta_init, (int, float)) or self.cms_eta_init <= 0:
-            raise ValueError(f"HopeConfig.cms_eta_init must be a positive float, got {self.cms_eta_init!r}")
-        if not isinstance(self.cms_chunk_sizes, list):
-            raise ValueError(f"HopeConfig.cms_chunk_sizes must be a list of positive ints or None, "
-                             f"got {self.cms_chunk_sizes!r}")
-        for size in self.cms_chunk_sizes:
-            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-                raise ValueError(
-                    f"HopeConfig.cms_chunk_sizes entries must be positive ints or None, got {self.cms_chunk_sizes!r}"
-                )
-        if not isinstance(self.in_context_updates, bool):
-            raise ValueError(f"HopeConfig.in_context_updates must be a bool, got {self.in_context_updates!r}")
-        for name in ("rms_norm_eps", "norm_eps", "initializer_range", "memory_init_range", "rope_theta"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"HopeConfig.{name} must be a positive float, got {value!r}")
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> "HopeConfig":

@@ -1,11 +1,12 @@
-"""HOPE: self-modifying Titans + Continuum Memory System (SPEC sections 1-4, 6).
+"""HOPE: self-modifying Titans + Continuum Memory System (docs/design.md §1).
 
 `HopeForCausalLM` = token embedding -> num_hidden_layers x HopeBlock -> RMSNorm -> LM head.
 `HopeBlock` = h + Mixer(RMSNorm(h)), then the CMS levels (fastest first).
 
-State (fast weights, chunk counters, conv tails, KV pairs) is carried functionally through the
-blocks as a flat dict per layer and stored in a `HopeCache` between calls. The per-token math
-lives in `memory_hope.py` (read, gradient, DGD update) and `ops_reference.py` (the scans).
+Each block reads its `LayerState` (`cache_hope`) and returns a new one; the model commits them to
+the `HopeCache` when every block has run. The memories and CMS levels run through the scans of
+`config.scan_implementation` (`SCANS`): `"chunked"` (`dgd_chunk`, `cms_chunk`) or `"reference"`
+(`dgd_naive`, `cms_naive`). The DGD step is `dgd_naive.dgd_step`; the CMS step `primitives.cms_step`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Dict, Iterable, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -26,40 +28,48 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .cache_hope import HopeCache
+from .cache_hope import CMSState, HopeCache, LayerState, MemoryState
+from .cms_chunk import cms_chunk
+from .cms_naive import cms_naive
 from .configuration_hope import SELF_MODIFYING_MEMORIES, HopeConfig
+from .dgd_chunk import self_modifying_titans_chunk, titans_chunk
+from .dgd_naive import self_modifying_titans_naive, titans_naive
 from .hf_compat import CACHE_NAME, generation_cache, resolve_cache
-from .memory_hope import activation, l2norm
-from .ops_chunked import self_modifying_chunked, titans_chunked
-from .ops_cms import cms_chunked
-from .ops_reference import MemoryRule, cms_scan, self_modifying_scan, titans_scan
+from .primitives import MemoryRule, activation, l2norm
 
-LayerState = Dict[str, torch.Tensor]
 
-# scan_implementation -> (self-modifying, titans, CMS) scans; all share one signature per kind.
-SCANS = {
-    "chunked": (self_modifying_chunked, titans_chunked, cms_chunked),
-    "reference": (self_modifying_scan, titans_scan, cms_scan),
+@dataclass(frozen=True)
+class Scans:
+    """One implementation of the three scans; each is keyword-only and returns (output, end state)."""
+
+    self_modifying_titans: Callable
+    titans: Callable
+    cms: Callable
+
+
+# `HopeConfig.scan_implementation` -> its scans (like transformers' `attn_implementation`).
+SCANS: Dict[str, Scans] = {
+    "chunked": Scans(self_modifying_titans_chunk, titans_chunk, cms_chunk),
+    "reference": Scans(self_modifying_titans_naive, titans_naive, cms_naive),
 }
-_scan_override: Optional[str] = None
 
 
 @contextlib.contextmanager
-def scan_implementation(name: str):
-    """Run every HOPE model in this block with the given scan implementation, whatever its config
-    says: `with scan_implementation("reference"): model(ids)` runs the per-token reference loop."""
-    global _scan_override
+def scan_implementation(model: nn.Module, name: str) -> Iterator[nn.Module]:
+    """Run `model` with the given scan implementation inside the block, whatever its config says:
+    `with scan_implementation(model, "reference"): model(ids)` runs the per-token reference loops.
+    Sets `scan_implementation` on every HOPE config the model's modules hold, and restores it."""
     if name not in SCANS:
         raise ValueError(f"scan_implementation must be one of {list(SCANS)}, got {name!r}")
-    previous, _scan_override = _scan_override, name
+    configs = {id(c): c for m in model.modules() for c in [getattr(m, "config", None)] if isinstance(c, HopeConfig)}
+    previous = {key: config.scan_implementation for key, config in configs.items()}
     try:
-        yield
+        for config in configs.values():
+            config.scan_implementation = name
+        yield model
     finally:
-        _scan_override = previous
-
-
-def get_scans(config: HopeConfig):
-    return SCANS[_scan_override or config.scan_implementation]
+        for key, config in configs.items():
+            config.scan_implementation = previous[key]
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -89,6 +99,51 @@ def _logit(p: float) -> float:
 
 def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
+
+
+def token_mask(attention_mask: Optional[torch.Tensor], batch: int, length: int, past_columns: int,
+               device: torch.device) -> torch.Tensor:
+    """The [B, T] bool mask of real tokens of this call, from a 2-D attention_mask over either
+    this call's tokens or past + this call's tokens (None: every token is real)."""
+    if attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise ValueError(f"attention_mask must be a 2-D [batch, seq_len] tensor of 0/1, got shape {shape}")
+    if attention_mask.shape[0] != batch or attention_mask.shape[1] not in (length, past_columns + length):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}; expected [{batch}, {length}] or "
+            f"[{batch}, {past_columns + length}] (past + new tokens)"
+        )
+    return attention_mask[:, -length:].to(device=device).bool()
+
+
+@contextlib.contextmanager
+def staged_folder(save_directory: Union[str, os.PathLike]) -> Iterator[str]:
+    """Write a folder all or nothing: yields a temporary sibling folder to write into; when the block
+    succeeds, its files replace their namesakes in `save_directory` (created if needed) and weight
+    files of an older save that this one did not write are removed; other files there stay. When
+    the block fails, `save_directory` is left as it was."""
+    target = os.path.abspath(os.fspath(save_directory))
+    if os.path.isfile(target):
+        raise OSError(f"save_directory {target!r} is a file, not a folder")
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".hope-save-", dir=parent)
+    try:
+        yield staging
+        os.makedirs(target, exist_ok=True)
+        written = set(os.listdir(staging))
+        for name in os.listdir(target):
+            if name not in written and re.match(r"(model|pytorch_model).*\.(safetensors|bin|json)$", name):
+                os.remove(os.path.join(target, name))
+        for name in written:
+            destination = os.path.join(target, name)
+            if os.path.isdir(destination):
+                shutil.rmtree(destination)
+            os.replace(os.path.join(staging, name), destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 class HopeRMSNorm(nn.Module):
@@ -132,13 +187,13 @@ class ShortConvolution(nn.Module):
 
 
 class MemoryInitialState(nn.Module):
-    """The meta-learned initial state of one in-context memory, per head (SPEC section 2)."""
+    """The meta-learned initial state of one in-context memory, per head (docs/design.md §2.5)."""
 
     def __init__(self, config: HopeConfig, name: str = "mem") -> None:
         super().__init__()
         heads, dim = config.num_heads, config.head_dim
         # std of the initial state's W1 (deep; key_value_init_range for M_k, M_v) or of its noise around
-        # the identity (linear: memory_init_range, key_value_init_range was only measured for deep memories)
+        # the identity (linear memories: memory_init_range; docs/design.md §8.8)
         kv_range = config.key_value_init_range
         deep_kv = name in ("k", "v") and kv_range is not None and config.memory_type == "deep"
         self.init_range = kv_range if deep_kv else config.memory_init_range
@@ -170,42 +225,36 @@ class HopeMemoryMixer(nn.Module):
         self.memories = nn.ModuleDict({name: MemoryInitialState(config, name) for name in self.memory_names})
         self.o_norm = HopeRMSNorm(config.head_dim, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(d, d, bias=False)
-        self.rule = MemoryRule(config.memory_activation, config.norm_eps, config.in_context_updates,
-                               config.scan_recompute_threshold, config.memory_read)
+        self.rule = MemoryRule(
+            activation=config.memory_activation, eps=config.norm_eps, updates=config.in_context_updates,
+            recompute_above=config.scan_recompute_threshold, memory_read=config.memory_read,
+            use_fla=config.use_fla_kernels, fla_dtype=getattr(torch, config.fla_dtype),
+        )
+
+    @property
+    def scans(self) -> Scans:
+        return SCANS[self.config.scan_implementation]
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.config.num_heads, self.config.head_dim)
 
     def features(self, x: torch.Tensor, state: LayerState, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """x: [B, T, d] -> (a [B, T, H, D], q [B, T, H, D]); updates the conv tail in `state`."""
-        tail = state.get("conv")
+        tail = state.conv
         if tail is None:
             tail = x.new_zeros(x.shape[0], self.config.conv_window - 1, x.shape[-1])
         projected = self.in_proj(x)
         # The tail is in the compute dtype of the call that wrote it (bf16 under autocast).
-        a, state["conv"] = self.conv(projected, tail.to(projected.dtype), mask)
+        a, state.conv = self.conv(projected, tail.to(projected.dtype), mask)
         a = activation(self.config.memory_activation, a)
         # Normalised in the state's dtype: a half-precision sum of squares underflows in the backward.
         q = l2norm(self.split_heads(self.q_proj(a)).to(self.state_dtype), self.config.norm_eps)
         return a, q
 
-    def load_memories(self, state: LayerState, batch_size: int):
-        """Chunk-start and current states of every memory, from the cache or the initial states."""
-        start, current = {}, {}
-        for name, initial in self.memories.items():
-            if f"mem.{name}.{next(iter(initial._parameters))}" not in state:
-                fresh = initial.expand(batch_size)
-                start[name], current[name] = fresh, dict(fresh)
-                continue
-            current[name] = {w: state[f"mem.{name}.{w}"] for w in initial._parameters}
-            start[name] = {w: state[f"mem.{name}.{w}.start"] for w in initial._parameters}
-        return start, current
-
-    def store_memories(self, state: LayerState, start, current) -> None:
-        for name in current:
-            for w, tensor in current[name].items():
-                state[f"mem.{name}.{w}"] = tensor
-                state[f"mem.{name}.{w}.start"] = start[name][w]
+    def load_memories(self, state: LayerState, batch_size: int) -> Dict[str, MemoryState]:
+        """Every memory's state, from the layer state or (first call) the initial states."""
+        return {name: state.memories.get(name) or MemoryState.fresh(initial.expand(batch_size))
+                for name, initial in self.memories.items()}
 
     @property
     def state_dtype(self) -> torch.dtype:
@@ -233,14 +282,15 @@ class SelfModifyingTitansMixer(HopeMemoryMixer):
 
     def forward(self, x: torch.Tensor, state: LayerState, mask: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         a, q = self.features(x, state, mask)
-        start, current = self.load_memories(state, x.shape[0])
         dtype = self.state_dtype  # the scans run in the state's dtype, whatever the weights' precision
-        o, start, current = get_scans(self.config)[0](
-            self.split_heads(a).to(dtype), q.to(dtype), start, current, seen, mask,
-            self.eta_readout.to(dtype), self.eta_bias.to(dtype), self.alpha_readout.to(dtype), self.alpha_bias.to(dtype),
-            self.config.eta_max, self.config.chunk_size, self.config.memory_chunk_size, self.rule,
+        o, memories = self.scans.self_modifying_titans(
+            a=self.split_heads(a).to(dtype), q=q.to(dtype), state=self.load_memories(state, x.shape[0]),
+            seen=seen, mask=mask, eta_readout=self.eta_readout.to(dtype), eta_bias=self.eta_bias.to(dtype),
+            alpha_readout=self.alpha_readout.to(dtype), alpha_bias=self.alpha_bias.to(dtype),
+            eta_max=self.config.eta_max, chunk_size=self.config.chunk_size,
+            memory_chunk_size=self.config.memory_chunk_size, rule=self.rule,
         )
-        self.store_memories(state, start, current)
+        state.memories.update(memories)
         return self.output(o.to(a.dtype))
 
 
@@ -261,13 +311,12 @@ class TitansMixer(HopeMemoryMixer):
         v = self.split_heads(self.v_proj(a))
         eta = self.config.eta_max * torch.sigmoid(self.eta_proj(a))
         alpha = torch.sigmoid(self.alpha_proj(a))
-        start, current = self.load_memories(state, x.shape[0])
         dtype = self.state_dtype  # the scans run in the state's dtype, whatever the weights' precision
-        o, start, current = get_scans(self.config)[1](
-            q.to(dtype), k.to(dtype), v.to(dtype), eta.to(dtype), alpha.to(dtype), start, current, seen, mask,
-            self.config.memory_chunk_size, self.rule,
+        o, state.memories["mem"] = self.scans.titans(
+            q=q.to(dtype), k=k.to(dtype), v=v.to(dtype), eta=eta.to(dtype), alpha=alpha.to(dtype),
+            state=self.load_memories(state, x.shape[0])["mem"], seen=seen, mask=mask,
+            memory_chunk_size=self.config.memory_chunk_size, rule=self.rule,
         )
-        self.store_memories(state, start, current)
         return self.output(o.to(a.dtype))
 
 
@@ -313,13 +362,13 @@ class AttentionMixer(nn.Module):
         v = self.v_proj(x).view(shape).transpose(1, 2)
         positions = (seen[:, None] + mask.long().cumsum(1) - 1).clamp(min=0)
         q, k = self.rope(q, positions), self.rope(k, positions)
-        if "keys" in state:  # stored in the compute dtype of the call that wrote them
-            k = torch.cat([state["keys"].to(k.dtype), k], dim=2)
-            v = torch.cat([state["values"].to(v.dtype), v], dim=2)
-            key_mask = torch.cat([state["key_mask"], mask], dim=1)
+        if state.keys is not None:  # stored in the compute dtype of the call that wrote them
+            k = torch.cat([state.keys.to(k.dtype), k], dim=2)
+            v = torch.cat([state.values.to(v.dtype), v], dim=2)
+            key_mask = torch.cat([state.key_mask, mask], dim=1)
         else:
             key_mask = mask
-        state["keys"], state["values"], state["key_mask"] = k, v, key_mask
+        state.keys, state.values, state.key_mask = k, v, key_mask
         past = k.shape[2] - length
         query_idx = torch.arange(length, device=x.device)[:, None] + past
         key_idx = torch.arange(k.shape[2], device=x.device)[None, :]
@@ -346,28 +395,24 @@ class CMSLevel(nn.Module):
             self.eta_logit = nn.Parameter(torch.zeros(()))
             self.alpha_logit = nn.Parameter(torch.zeros(()))
 
-    def forward(self, n: torch.Tensor, state: LayerState, prefix: str, mask: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        """n: [B, T, d] (normalised input) -> [B, T, d]."""
+    def forward(self, n: torch.Tensor, state: LayerState, level: int, mask: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """n: [B, T, d] (normalised input) -> [B, T, d]; reads and replaces `state.cms[level]`."""
         if self.chunk_size is None:
             return self.down_proj(F.silu(self.gate_proj(n)) * self.up_proj(n))
-        batch = n.shape[0]
-        params = {"gate": self.gate_proj.weight, "up": self.up_proj.weight, "down": self.down_proj.weight}
         dtype = state_dtype(self.gate_proj.weight.dtype)  # fast weights stay float32 for half-precision weights
-        theta = {k: state.get(f"{prefix}.{k}", p.to(dtype).unsqueeze(0).expand(batch, *p.shape))
-                 for k, p in params.items()}
-        buffer = state.get(f"{prefix}.buffer")  # [B, C, d]: the open chunk's inputs (None: empty)
-        num_updates = state.get(f"{prefix}.num_updates", torch.zeros(batch, dtype=torch.long, device=n.device))
-        y, theta, buffer, num_updates = get_scans(self.config)[2](
-            n.to(dtype), theta, buffer, num_updates, seen, mask, self.value_proj.weight.to(dtype),
-            F.softplus(self.eta_logit).to(dtype), torch.sigmoid(self.alpha_logit).to(dtype), self.chunk_size,
-            self.config.in_context_updates,
+        y, state.cms[level] = SCANS[self.config.scan_implementation].cms(
+            n=n.to(dtype), state=state.cms.get(level) or self.initial_state(n.shape[0], dtype, n.device), seen=seen,
+            mask=mask, value_weight=self.value_proj.weight.to(dtype), eta=F.softplus(self.eta_logit).to(dtype),
+            alpha=torch.sigmoid(self.alpha_logit).to(dtype), chunk_size=self.chunk_size,
+            updates=self.config.in_context_updates, recompute_above=self.config.cms_recompute_threshold,
         )
-        y = y.to(n.dtype)
-        for k in params:
-            state[f"{prefix}.{k}"] = theta[k]
-        state[f"{prefix}.buffer"] = buffer
-        state[f"{prefix}.num_updates"] = num_updates
-        return y
+        return y.to(n.dtype)
+
+    def initial_state(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> CMSState:
+        """The level before its first token: the fast weights are the parameters, the buffer empty."""
+        params = {"gate": self.gate_proj.weight, "up": self.up_proj.weight, "down": self.down_proj.weight}
+        theta = {k: p.to(dtype).unsqueeze(0).expand(batch_size, *p.shape) for k, p in params.items()}
+        return CMSState(theta, None, torch.zeros(batch_size, dtype=torch.long, device=device))
 
 
 class ContinuumMemorySystem(nn.Module):
@@ -385,13 +430,13 @@ class ContinuumMemorySystem(nn.Module):
     def forward(self, h: torch.Tensor, state: LayerState, mask: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         if self.variant == "sequential":
             for i, (norm, level) in enumerate(zip(self.norms, self.levels)):
-                h = h + level(norm(h), state, f"cms.{i}", mask, seen)
+                h = h + level(norm(h), state, i, mask, seen)
             return h
         if len(self.levels) == 0:
             return h
         n = self.norms[0](h)
         for i, level in enumerate(self.levels):
-            h = h + self.level_weights[i] * level(n, state, f"cms.{i}", mask, seen)
+            h = h + self.level_weights[i] * level(n, state, i, mask, seen)
         return h
 
 
@@ -411,7 +456,7 @@ class HopeBlock(GradientCheckpointingLayer):
     ) -> Tuple[torch.Tensor, LayerState]:
         """hidden_states: [B, T, d]; layer_state: this layer's state (read, not modified);
         mask: [B, T] bool; seen: [B]. Returns the new hidden states and the new layer state."""
-        state = dict(layer_state)
+        state = layer_state.copy()
         hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), state, mask, seen)
         hidden_states = self.cms(hidden_states, state, mask, seen)
         return hidden_states, state
@@ -427,31 +472,12 @@ class HopePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], *args, **kwargs) -> None:
-        """`PreTrainedModel.save_pretrained`, made atomic: everything is written to a temporary
-        sibling folder first and moved in only when complete, so a failed save (full disk,
+        """`PreTrainedModel.save_pretrained`, made atomic (`staged_folder`): a failed save (full disk,
         interrupted process) never leaves a half-written checkpoint that would load."""
-        target = os.path.abspath(os.fspath(save_directory))
-        if os.path.isfile(target):
-            raise OSError(f"save_directory {target!r} is a file, not a folder")
-        parent = os.path.dirname(target)
-        os.makedirs(parent, exist_ok=True)
         if kwargs.get("push_to_hub"):
-            kwargs.setdefault("repo_id", os.path.basename(target))
-        staging = tempfile.mkdtemp(prefix=".hope-save-", dir=parent)
-        try:
+            kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(os.fspath(save_directory))))
+        with staged_folder(save_directory) as staging:
             super().save_pretrained(staging, *args, **kwargs)
-            os.makedirs(target, exist_ok=True)
-            written = set(os.listdir(staging))
-            for name in os.listdir(target):  # weights of an older save that this one does not overwrite
-                if name not in written and re.match(r"(model|pytorch_model).*\.(safetensors|bin|json)$", name):
-                    os.remove(os.path.join(target, name))
-            for name in written:
-                destination = os.path.join(target, name)
-                if os.path.isdir(destination):
-                    shutil.rmtree(destination)
-                os.replace(os.path.join(staging, name), destination)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -469,9 +495,8 @@ class HopePreTrainedModel(PreTrainedModel):
                 eye = torch.eye(config.head_dim).expand_as(module.W)
                 init.copy_(module.W, eye + module.init_range * torch.randn_like(module.W))
             else:
-                # SPEC section 9: W2 ~ N(0, 1), so that unit keys give an O(1) hidden layer and the W1
-                # step is a true normalised step (at N(0, 1/d_h), ||act(W2 k)||^2 ~ 0.25 and writes were
-                # 1% of a state's change); W1 small so that M starts near the identity.
+                # W2 ~ N(0, 1): unit keys give an O(1) hidden layer, so the W1 step is a true normalised
+                # step; W1 small: M starts near the identity (docs/design.md §8.7).
                 init.normal_(module.W1, std=module.init_range)
                 init.normal_(module.W2, std=1.0)
         elif isinstance(module, SelfModifyingTitansMixer):
@@ -503,21 +528,6 @@ class HopeModel(HopePreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
-
-    def _token_mask(self, attention_mask, batch: int, length: int, past_columns: int, device) -> torch.Tensor:
-        """The [B, T] bool mask of real tokens of this call, from a 2-D attention_mask over either
-        this call's tokens or past + this call's tokens."""
-        if attention_mask is None:
-            return torch.ones(batch, length, dtype=torch.bool, device=device)
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
-            raise ValueError(f"attention_mask must be a 2-D [batch, seq_len] tensor of 0/1, got shape {shape}")
-        if attention_mask.shape[0] != batch or attention_mask.shape[1] not in (length, past_columns + length):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}; expected [{batch}, {length}] or "
-                f"[{batch}, {past_columns + length}] (past + new tokens)"
-            )
-        return attention_mask[:, -length:].to(device=device).bool()
 
     def forward(
         self,
@@ -563,7 +573,7 @@ class HopeModel(HopePreTrainedModel):
         if cache is not None:
             cache.check_compatible(self.config, batch, self.state_dtype)
         past_columns = cache.seen_columns if cache is not None else 0
-        mask = self._token_mask(attention_mask, batch, length, past_columns, inputs_embeds.device)
+        mask = token_mask(attention_mask, batch, length, past_columns, inputs_embeds.device)
         if cache is not None and cache.seen_tokens is not None:
             seen = cache.seen_tokens.to(inputs_embeds.device)
         else:
@@ -575,7 +585,7 @@ class HopeModel(HopePreTrainedModel):
         for i, block in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            layer_state = cache.layers[i].state if cache is not None else {}
+            layer_state = cache.layers[i].state if cache is not None else LayerState()
             hidden_states, new_state = block(hidden_states, layer_state, mask, seen)
             new_states.append(new_state)
         hidden_states = self.norm(touch_parameters(hidden_states, self.parameters()))
@@ -694,4 +704,4 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )
 
-__all__ = ["HopePreTrainedModel", "HopeModel", "HopeForCausalLM"]
+__all__ = ["HopePreTrainedModel", "HopeModel", "HopeForCausalLM", "scan_implementation"]

@@ -1,0 +1,405 @@
+"""The chunk-parallel memories (docs/design.md §4): the same outputs and end states as the per-token
+scans of `dgd_naive`, computed a chunk at a time.
+
+Inside a chunk every read, key, value, learning rate and inner gradient uses the chunk-start state
+`S`, so all of them are computed for the whole chunk at once from `S`; the only sequential object is
+the current state `W`, whose DGD update (`dgd_naive.dgd_step`)
+
+    W_t = W_{t-1} (alpha_t I - eta_t u~_t u~_t^T) + eta_t r_t u~_t^T
+
+is a linear recurrence with rank-1 transitions. `ChunkSolve` gives its end-of-chunk state in closed
+form (the UT form of the gated delta rule, one triangular solve) and, with `memory_read="token"`,
+the per-token reads `M_{t-1}(q_t)` (paper Eq. 88) as masked matmuls, layer by layer for a deep
+memory. `ChunkGrid` (`chunk_grid`) lines up every sample's chunks across the batch: fillers are
+no-op tokens (`eta = 0`, `alpha = 1`), and a padding token reads the state the next real token reads.
+
+Entry points (keyword-only, like the naive twins): `self_modifying_titans_chunk`, `titans_chunk`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .cache_hope import MemoryState
+from .chunk_grid import ChunkGrid, in_state_precision, masked_rates, scan_chunks, select_where
+from .dgd_fla import fla_dgd_chunk, use_fla
+from .primitives import MemoryRule, Weights, activation, dgd_terms, l2norm, memory_read
+
+PROJECTION_MEMORIES = ("k", "v", "eta", "alpha")
+
+
+class ChunkSolve:
+    """The UT form of `W_t = W_{t-1} (alpha_t I - eta_t u~_t u~_t^T) + w_t u~_t^T` over a chunk, with
+    the writes `w_t = eta_t r_t`.
+
+    With gamma_t = prod_{s<=t} alpha_s, the state is `W_t = gamma_t W_0 + sum_{s<=t} gamma_t /
+    gamma_s x_s u~_s^T` where the pseudo-writes x solve the unit lower-triangular system
+
+        x_t + eta_t sum_{s<t} (gamma_{t-1} / gamma_s) (u~_s . u~_t) x_s = w_t - eta_t gamma_{t-1} W_0 u~_t,
+
+    (the UT transform of DeltaNet, with decay). All decay ratios are <= 1 (no overflow). `end()` is
+    W_C; `reads(z)` the per-token reads `W_{t-1} z_t` (what the state is before token t's update),
+
+        W_{t-1} z_t = gamma_{t-1} W_0 z_t + sum_{s<t} (gamma_{t-1} / gamma_s) (u~_s . z_t) x_s,
+
+    an attention-like masked matmul with the same decay matrix.
+
+    weight: W_0 [..., O, I]; unit: [..., C, I]; write_per_eta: r [..., C, O]; eta, log_alpha: [..., C].
+    """
+
+    def __init__(self, weight, unit, write_per_eta, eta, log_alpha) -> None:
+        dtype = weight.dtype
+        unit, eta, log_alpha = unit.to(dtype), eta.to(dtype), log_alpha.to(dtype)
+        self.weight, self.unit = weight, unit
+        write = eta.unsqueeze(-1) * write_per_eta.to(dtype)
+        length = unit.shape[-2]
+        self.log_gamma = log_alpha.cumsum(-1)  # [..., C]
+        self.log_gamma_prev = self.log_gamma - log_alpha
+        if length == 1:  # one token: the step itself
+            self.decay = None
+            self.pseudo = write - eta[..., None] * (unit @ weight.transpose(-1, -2))
+            return
+        strictly_lower = torch.ones(length, length, dtype=torch.bool, device=unit.device).tril(-1)
+        self.decay = (self.log_gamma_prev[..., :, None] - self.log_gamma[..., None, :]).masked_fill(
+            ~strictly_lower, -math.inf).exp()
+        system = eta[..., :, None] * self.decay * (unit @ unit.transpose(-1, -2))  # [..., C, C], strictly lower
+        rhs = write - (eta * self.log_gamma_prev.exp())[..., None] * (unit @ weight.transpose(-1, -2))  # [..., C, O]
+        self.pseudo = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+
+    def end(self) -> torch.Tensor:
+        """W_C [..., O, I]."""
+        tail = (self.log_gamma[..., -1:] - self.log_gamma).exp()  # gamma_C / gamma_s, [..., C]
+        return self.log_gamma[..., -1, None, None].exp() * self.weight + (self.pseudo * tail[..., None]).transpose(-1, -2) @ self.unit
+
+    def reads(self, z: torch.Tensor) -> torch.Tensor:
+        """`W_{t-1} z_t` for z [..., C, I] -> [..., C, O]."""
+        z = z.to(self.weight.dtype)
+        initial = z @ self.weight.transpose(-1, -2)  # W_0 z_t, [..., C, O]
+        if self.decay is None:
+            return initial
+        return self.log_gamma_prev.exp()[..., None] * initial + (self.decay * (z @ self.unit.transpose(-1, -2))) @ self.pseudo
+
+    def reads_at(self, z: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """`W_{s-1} z` for single vectors z [..., I] at chunk slots s [...] (long) -> [..., O]."""
+        z = z.to(self.weight.dtype)
+        initial = (self.weight @ z.unsqueeze(-1)).squeeze(-1)
+        if self.decay is None:
+            return initial
+        index = slots.unsqueeze(-1)
+        decay = self.decay.gather(-2, index.unsqueeze(-1).expand(*slots.shape, 1, self.decay.shape[-1])).squeeze(-2)  # [..., C]
+        gamma = self.log_gamma_prev.gather(-1, index).exp()  # [..., 1]
+        mixed = ((decay * (self.unit @ z.unsqueeze(-1)).squeeze(-1)).unsqueeze(-2) @ self.pseudo).squeeze(-2)
+        return gamma * initial + mixed
+
+
+def dgd_chunk(
+    weight: torch.Tensor, unit: torch.Tensor, write_per_eta: torch.Tensor, eta: torch.Tensor, log_alpha: torch.Tensor
+) -> torch.Tensor:
+    """End state of `W_t = W_{t-1} (alpha_t I - eta_t u~_t u~_t^T) + w_t u~_t^T` over a chunk, with
+    the writes `w_t = eta_t r_t` (`ChunkSolve`, one triangular solve).
+
+    weight: W_0 [..., O, I]; unit: [..., C, I]; write_per_eta: r [..., C, O]; eta, log_alpha: [..., C].
+    Returns W_C [..., O, I].
+    """
+    return ChunkSolve(weight, unit, write_per_eta, eta, log_alpha).end()
+
+
+def _memory_chunk_update(
+    start: Weights,
+    current: Weights,
+    key: torch.Tensor,
+    target: torch.Tensor,
+    eta: torch.Tensor,
+    log_alpha: torch.Tensor,
+    rule: MemoryRule,
+    target_key: Optional[torch.Tensor] = None,
+    token_reads: bool = False,
+):
+    """One chunk of DGD on one (possibly stacked) memory; the gradients are taken at `start`.
+    A linear memory on CUDA runs through fla's gated-delta-rule kernel (`dgd_fla`) unless the
+    per-token reads are wanted. `target_key`: the key of a self-generated target (`step_bound`).
+
+    Returns the end state, or with `token_reads` a `(end state, solves)` pair: each weight's
+    `ChunkSolve`, whose `reads` give the per-token states' reads (`_token_reads`)."""
+    terms = dgd_terms(start, key, target, rule.activation, rule.eps, target_key, eta)
+    if "W" in current and not token_reads and rule.use_fla and use_fla(current["W"]):
+        return {"W": fla_dgd_chunk(current["W"], *terms["W"], eta, log_alpha, compute_dtype=rule.fla_dtype)}
+    if "W1" in current and current["W1"].shape == current["W2"].shape and key.shape[-2] > 1:  # both layers in one solve
+        both = ChunkSolve(
+            torch.cat([current["W1"], current["W2"]]), torch.cat([terms["W1"][0], terms["W2"][0]]),
+            torch.cat([terms["W1"][1], terms["W2"][1]]), torch.cat([eta, eta]), torch.cat([log_alpha, log_alpha]),
+        )
+        end = dict(zip(("W1", "W2"), both.end().chunk(2)))
+        if not token_reads:
+            return end
+        return end, {name: _SolvePart(both, i, 2) for i, name in enumerate(("W1", "W2"))}
+    solves = {name: ChunkSolve(current[name], unit, write, eta, log_alpha) for name, (unit, write) in terms.items()}
+    end = {name: solve.end() for name, solve in solves.items()}
+    return (end, solves) if token_reads else end
+
+
+class _SolvePart:
+    """One of `parts` problems stacked on dim 0 of a `ChunkSolve`, read on its own."""
+
+    def __init__(self, solve: ChunkSolve, index: int, parts: int) -> None:
+        self.solve, self.index, self.parts = solve, index, parts
+
+    def _piece(self, x: torch.Tensor) -> torch.Tensor:
+        return x.chunk(self.parts)[self.index]
+
+    def reads(self, z: torch.Tensor) -> torch.Tensor:
+        return self._as_solve().reads(z)
+
+    def reads_at(self, z: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return self._as_solve().reads_at(z, slots)
+
+    def _as_solve(self) -> ChunkSolve:
+        view = ChunkSolve.__new__(ChunkSolve)
+        for name in ("weight", "unit", "log_gamma", "log_gamma_prev", "pseudo"):
+            setattr(view, name, self._piece(getattr(self.solve, name)))
+        view.decay = None if self.solve.decay is None else self._piece(self.solve.decay)
+        return view
+
+
+def _token_reads(solves, z: torch.Tensor, act: str, slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`M_{t-1}(z_t)`: the memory read at the state before each token's update (paper Eq. 88), from the
+    chunk's solves. A deep memory reads its W2 layer, then its W1 layer, each at the per-token state:
+    `z + W1_{t-1} act(W2_{t-1} z)`. z: [..., C, D]; with `slots` [...], single vectors z [..., D] read
+    at those chunk slots."""
+    read = (lambda solve, x: solve.reads(x)) if slots is None else (lambda solve, x: solve.reads_at(x, slots))
+    if "W" in solves:
+        return read(solves["W"], z)
+    return z + read(solves["W1"], activation(act, read(solves["W2"], z)))
+
+
+def _remat(rule: MemoryRule, pieces: List, *tensors: torch.Tensor) -> bool:
+    """Recompute in the backward when training over more than `rule.recompute_above` chunks."""
+    if rule.recompute_above is None or len(pieces) <= rule.recompute_above:
+        return False
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _flat(x: torch.Tensor, leading: int) -> torch.Tensor:
+    """Merge the first `leading` dims: per-(sample, memory, head) problems become one batch of
+    3-D matmuls (a broadcasting matmul costs several ops of reshaping per call)."""
+    return x.reshape(-1, *x.shape[leading:])
+
+
+def _per_problem(condition, repeats: int):
+    """A per-sample [B] condition for the flattened [B * repeats] problems (Python bools pass)."""
+    return condition if isinstance(condition, bool) else condition.repeat_interleave(repeats)
+
+
+def _state_dtype(weights: Weights) -> torch.dtype:
+    return next(iter(weights.values())).dtype
+
+
+def _run_main_memory(
+    q: torch.Tensor,
+    pad_queries: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    eta: torch.Tensor,
+    alpha: torch.Tensor,
+    state: MemoryState,
+    grid: ChunkGrid,
+    rule: MemoryRule,
+    self_generated: bool,
+) -> Tuple[torch.Tensor, List, MemoryState]:
+    """The main memory `M_mem` over its chunk grid.
+
+    q, key, value: [B, L, H, D] (grid layout); pad_queries: [B, T, H, D] (token layout, read at
+    padding positions); eta, alpha: [B, L, H]. The DGD target is `value` (titans) or the
+    self-generated `M_mem[S](value)` (self-modifying, `value` = unit value). Returns the reads
+    [B, L, H, D], the reads at padding tokens per segment, and the end state."""
+    dtype = _state_dtype(state.current)
+    batch, heads = q.shape[0], q.shape[2]
+    shape = {w: t.shape[1:] for w, t in state.current.items()}  # [H, O, I]
+    q, key, value = (_flat(x.transpose(1, 2).to(dtype), 2) for x in (q, key, value))  # [B*H, L, D]
+    eta, alpha = (_flat(x.transpose(1, 2).to(dtype), 2) for x in (eta, alpha))  # [B*H, L]
+    flat = lambda weights: {w: _flat(t.expand(batch, *shape[w]), 2) for w, t in weights.items()}  # noqa: E731  [B*H, O, I]
+    token_reads = rule.memory_read == "token" and rule.updates
+
+    def step(carry: MemoryState, piece):
+        start, current = carry.start, carry.current
+        seg, completes, pads, pad_slots, (q_c, key_c, value_c, eta_c, alpha_c) = piece
+        pad_read = None
+        if not token_reads:  # reads at the chunk-start state (paper Eq. 90)
+            out = memory_read(start, q_c, rule.activation)
+            if pads is not None:
+                per_sample = {w: t.view(batch, *shape[w]) for w, t in start.items()}
+                pad_read = _read_at(per_sample, pad_queries[pads], pads[0], rule)
+        if rule.updates:
+            target = memory_read(start, value_c, rule.activation) if self_generated else value_c
+            active = grid.segment_active(seg)
+            eta_c, log_alpha_c = masked_rates(eta_c, alpha_c, None if active is None else active.repeat_interleave(heads, 0))
+            updated = _memory_chunk_update(start, current, key_c, target, eta_c, log_alpha_c, rule,
+                                           value_c if self_generated else None, token_reads)
+            if token_reads:  # reads at the state before each token's update (paper Eq. 88)
+                updated, solves = updated
+                out = _token_reads(solves, q_c, rule.activation)
+                if pads is not None:
+                    pad_read = _pad_token_reads(solves, pad_queries[pads].to(dtype), pads[0], pad_slots, heads, rule)
+            current = updated
+            start = select_where(_per_problem(completes, heads), current, start)
+        return MemoryState(start, current), (out, pad_read)
+
+    pieces = list(zip(grid.segments, grid.completes, grid.pads, grid.pad_slots,
+                      zip(*(grid.split(x) for x in (q, key, value, eta, alpha)))))
+    carry = MemoryState(flat(state.start), flat(state.current))
+    carry, results = scan_chunks(step, carry, pieces, _remat(rule, pieces, q, key, value, *carry.current.values()))
+    outputs, pad_reads = [r[0] for r in results], [r[1] for r in results]
+    o = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+    o = o.reshape(batch, heads, -1, q.shape[-1]).transpose(1, 2)  # [B, L, H, D]
+    unflat = lambda weights: {w: t.view(batch, *shape[w]) for w, t in weights.items()}  # noqa: E731
+    return o, pad_reads, MemoryState(unflat(carry.start), unflat(carry.current))
+
+
+def _pad_token_reads(solves, z: torch.Tensor, samples: torch.Tensor, slots: torch.Tensor, heads: int,
+                     rule: MemoryRule) -> torch.Tensor:
+    """Per-token reads of padding tokens: z [P, H, D] of samples [P] at segment slots [P] (a pad reads
+    the state its sample's next real token reads) -> [P, H, D]. The solves are flattened per
+    (sample, head): problem `sample * H + h`."""
+    problems = samples[:, None] * heads + torch.arange(heads, device=samples.device)  # [P, H]
+
+    def pick(solve):
+        view = ChunkSolve.__new__(ChunkSolve)
+        base = solve._as_solve() if isinstance(solve, _SolvePart) else solve
+        for name in ("weight", "unit", "log_gamma", "log_gamma_prev", "pseudo"):
+            setattr(view, name, getattr(base, name)[problems])
+        view.decay = None if base.decay is None else base.decay[problems]
+        return view
+
+    return _token_reads({w: pick(solve) for w, solve in solves.items()}, z, rule.activation,
+                        slots[:, None].expand(-1, heads))
+
+
+def _read_at(weights: Weights, z: torch.Tensor, samples: torch.Tensor, rule: MemoryRule) -> torch.Tensor:
+    """Reads of single vectors z [P, H, D] at the weights of the given samples [P] -> [P, H, D]."""
+    chosen = {name: weight[samples] for name, weight in weights.items()}
+    return memory_read(chosen, z.to(_state_dtype(weights)).unsqueeze(-2), rule.activation).squeeze(-2)
+
+
+@in_state_precision
+def titans_chunk(
+    *,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eta: torch.Tensor,
+    alpha: torch.Tensor,
+    state: MemoryState,
+    seen: torch.Tensor,
+    mask: torch.Tensor,
+    memory_chunk_size: int,
+    rule: MemoryRule,
+) -> Tuple[torch.Tensor, MemoryState]:
+    """Chunk-parallel `dgd_naive.titans_naive` (same arguments and results)."""
+    grid = ChunkGrid(seen, mask, memory_chunk_size)
+    to_grid = grid.scatter
+    o, pad_reads, state = _run_main_memory(
+        to_grid(q), q, to_grid(k), to_grid(v), to_grid(eta), to_grid(alpha), state, grid, rule, self_generated=False,
+    )
+    return grid.gather(o, pad_reads).to(q.dtype), state
+
+
+def _stack(weights: List[Weights]) -> Weights:
+    """Memories with the same chunk size, stacked on dim 1: weight [B, X, H, O, I]. Weights that
+    `_unstack` made (views of one stacked tensor, as kept in a cache between calls) are not copied."""
+    stacked = {}
+    for w in weights[0]:
+        parts = [memory[w] for memory in weights]
+        base = parts[0]._base
+        if (base is not None and base.dim() == parts[0].dim() + 1 and base.shape[1] == len(parts)
+                and all(p._base is base and p.shape == base.shape[:1] + base.shape[2:]
+                        and p.stride() == base.stride()[:1] + base.stride()[2:]
+                        and p.storage_offset() == base.storage_offset() + i * base.stride(1)
+                        for i, p in enumerate(parts))):
+            stacked[w] = base
+        else:
+            stacked[w] = torch.stack(parts, dim=1)
+    return stacked
+
+
+def _unstack(stacked: Weights, count: int) -> List[Weights]:
+    return [{w: t[:, i] for w, t in stacked.items()} for i in range(count)]
+
+
+@in_state_precision
+def self_modifying_titans_chunk(
+    *,
+    a: torch.Tensor,
+    q: torch.Tensor,
+    state: Dict[str, MemoryState],
+    seen: torch.Tensor,
+    mask: torch.Tensor,
+    eta_readout: torch.Tensor,
+    eta_bias: torch.Tensor,
+    alpha_readout: torch.Tensor,
+    alpha_bias: torch.Tensor,
+    eta_max: float,
+    chunk_size: int,
+    memory_chunk_size: int,
+    rule: MemoryRule,
+) -> Tuple[torch.Tensor, Dict[str, MemoryState]]:
+    """Chunk-parallel `dgd_naive.self_modifying_titans_naive` (same arguments and results).
+
+    Two passes: the projection memories `M_k, M_v, M_eta, M_alpha` (chunk `C`, stacked and
+    updated together since they share keys, eta and alpha) produce k, v, eta, alpha for every
+    token; then the main memory (chunk `C_mem`) reads and learns from them."""
+    grid = ChunkGrid(seen, mask, chunk_size)
+    names = PROJECTION_MEMORIES
+    dtype = _state_dtype(state["k"].current)
+    batch, heads, copies = a.shape[0], a.shape[2], len(names)
+    stacked = MemoryState(_stack([state[n].start for n in names]), _stack([state[n].current for n in names]))
+    shape = {w: t.shape[1:] for w, t in stacked.current.items()}  # [4, H, O, I]
+    flat = lambda weights: {w: _flat(t.expand(batch, *shape[w]), 3) for w, t in weights.items()}  # noqa: E731
+    stacked = MemoryState(flat(stacked.start), flat(stacked.current))  # [B*4*H, O, I]
+
+    def per_memory(x: torch.Tensor) -> torch.Tensor:  # [B, H, ...] -> [B*4*H, ...], one copy per memory
+        return _flat(x.unsqueeze(1).expand(batch, copies, *x.shape[1:]), 3)
+
+    a_grid = grid.scatter(a).transpose(1, 2).to(dtype)  # [B, H, L, D]
+
+    def step(carry: MemoryState, piece):
+        start, current = carry.start, carry.current
+        seg, completes, a_c = piece
+        # Every read and self-generated value uses the chunk-start states (paper Eq. 90).
+        reads = memory_read(start, per_memory(a_c), rule.activation)
+        reads = reads.view(batch, copies, heads, *reads.shape[1:])  # [B, 4, H, C, D]
+        k_c = l2norm(reads[:, 0], rule.eps)  # [B, H, C, D]
+        v_unit = l2norm(reads[:, 1], rule.eps)  # the self-generated targets read unit values (docs/design.md §8)
+        eta_c = eta_max * torch.sigmoid((reads[:, 2] * eta_readout[:, None]).sum(-1) + eta_bias[:, None])  # [B, H, C]
+        alpha_c = torch.sigmoid((reads[:, 3] * alpha_readout[:, None]).sum(-1) + alpha_bias[:, None])
+        if rule.updates:
+            targets = memory_read(start, per_memory(v_unit), rule.activation)  # [B*4*H, C, D]
+            eta_m, log_alpha_m = masked_rates(eta_c, alpha_c, grid.segment_active(seg))
+            current = _memory_chunk_update(
+                start, current, per_memory(k_c), targets, per_memory(eta_m), per_memory(log_alpha_m), rule,
+                per_memory(v_unit),
+            )
+            start = select_where(_per_problem(completes, copies * heads), current, start)
+        return MemoryState(start, current), (k_c, v_unit, eta_c, alpha_c)
+
+    pieces = list(zip(grid.segments, grid.completes, grid.split(a_grid, dim=2)))
+    stacked, results = scan_chunks(step, stacked, pieces, _remat(rule, pieces, a_grid, eta_readout, *stacked.current.values()))
+    keys, unit_values, etas, alphas = (list(column) for column in zip(*results))
+    unflat = lambda weights: {w: t.view(batch, *shape[w]) for w, t in weights.items()}  # noqa: E731
+
+    def to_tokens(pieces: List[torch.Tensor]) -> torch.Tensor:  # [B, H, L, ...] pieces -> [B, T, H, ...]
+        return grid.gather((torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]).transpose(1, 2))
+
+    k, v_unit, eta, alpha = to_tokens(keys), to_tokens(unit_values), to_tokens(etas), to_tokens(alphas)
+    mem_grid = ChunkGrid(seen, mask, memory_chunk_size)
+    to_grid = mem_grid.scatter
+    o, pad_reads, mem = _run_main_memory(
+        to_grid(q), q, to_grid(k), to_grid(v_unit), to_grid(eta), to_grid(alpha), state["mem"], mem_grid, rule,
+        self_generated=True,
+    )
+    starts, currents = _unstack(unflat(stacked.start), copies), _unstack(unflat(stacked.current), copies)
+    end = {name: MemoryState(s, c) for name, s, c in zip(names, starts, currents)}
+    end["mem"] = mem
+    return mem_grid.gather(o, pad_reads).to(q.dtype), end
