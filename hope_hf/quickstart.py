@@ -114,7 +114,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, TextStreamer, set_seed
 
     from . import HopeConfig, HopeForCausalLM
-    from .hf_compat import output_cache
+    from .models.hope.hf_compat import output_cache
     from .data import load_shakespeare_text, split_text, train_bpe_tokenizer
     from .hub import save_checkpoint
     from .training import config_overrides, count_parameters, lm_datasets, matched_llama_config

@@ -92,7 +92,7 @@ def run_cell(cell: dict) -> dict:
     import torch
 
     row, task, size = cell["row"], cell["task"], cell["size"]
-    from hope_hf.hf_compat import CACHE_NAME, output_cache
+    from hope_hf.models.hope.hf_compat import CACHE_NAME, output_cache
 
     repeats = cell["repeats"]
     model = build_model(row, size)
@@ -125,7 +125,7 @@ def run_cell(cell: dict) -> dict:
         ids = torch.randint(0, vocab, (1, length), generator=gen)
         from hope_hf import scan_implementation
 
-        with torch.no_grad(), scan_implementation(implementation) if row != "llama" else _nothing():
+        with torch.no_grad(), scan_implementation(model, implementation) if row != "llama" else _nothing():
             for step in range(repeats + 1):
                 start = time.perf_counter()
                 model(input_ids=ids, use_cache=True)

@@ -84,7 +84,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hope_hf.hf_compat import CACHE_NAME, output_cache
+from hope_hf.models.hope.hf_compat import CACHE_NAME, output_cache
 from hope_hf.adapters import HopeAdapterConfig, apply_hope_adapter, freeze_base
 from hope_hf.adapters.class_incremental import (
     BOLT_DATASETS,

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from hope_hf.hf_compat import CACHE_NAME, output_cache  # noqa: E402
+from hope_hf.models.hope.hf_compat import CACHE_NAME, output_cache  # noqa: E402
 from hope_hf.experiments import plot_lines, write_table  # noqa: E402
 from hope_hf.training import (  # noqa: E402
     check_vocab,

@@ -39,7 +39,7 @@ def profile_cell(row: str, task: str, size: Dict[str, int]) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from hope_hf.hf_compat import CACHE_NAME, output_cache
+    from hope_hf.models.hope.hf_compat import CACHE_NAME, output_cache
 
     torch.set_num_threads(1)
     model = build_model(row, size)

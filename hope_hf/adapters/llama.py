@@ -42,14 +42,15 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP
 from transformers.utils.generic import can_return_tuple
 
-from ..models.hope.cache_hope import HopeCacheLayer, LayerState, signature_diff
+from ..models.hope.cache_hope import BatchFirstOps, HopeCacheLayer, LayerState, signature_diff
 from ..models.hope.configuration_hope import LEGACY_DEFAULTS, MEMORY_TYPES, HopeConfig
-from ..models.hope.hf_compat import CACHE_NAME, generation_cache, resolve_cache
+from ..models.hope.hf_compat import CACHE_NAME, resolve_cache
 from ..models.hope.modeling_hope import (
     CMSLevel,
     ContinuumMemorySystem,
     HopePreTrainedModel,
     SelfModifyingTitansMixer,
+    StatefulGenerationMixin,
     token_mask,
     touch_parameters,
 )
@@ -347,7 +348,7 @@ class HopeLlamaDecoderLayer(LlamaDecoderLayer):
 
 
 # --- the combined cache -------------------------------------------------------------------------
-class HopeLlamaCache(DynamicCache):
+class HopeLlamaCache(BatchFirstOps, DynamicCache):
     """Llama's attention KV pairs (a `DynamicCache`) plus, per adapted layer, the HOPE state
     (a `HopeCacheLayer`: fast weights, chunk buffers, `cms.<l>.num_updates` [B]), the real tokens
     seen per sample (`seen_tokens` [B]) and the attention mask of the past columns
@@ -378,22 +379,10 @@ class HopeLlamaCache(DynamicCache):
 
     def _apply_per_sample(self, fn) -> None:
         for layer in self.hope_layers.values():
-            layer._apply(fn)
+            layer._apply_per_sample(fn)
         if self.seen_tokens is not None:
             self.seen_tokens = fn(self.seen_tokens)
             self.token_mask = fn(self.token_mask)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._apply_per_sample(lambda x: x.index_select(0, beam_idx.to(x.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._apply_per_sample(lambda x: x.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._apply_per_sample(lambda x: x[indices.to(x.device)])
 
     def reset(self) -> None:
         # DynamicLayer.reset drops its tensors, so a reset cache starts a new stream.
@@ -452,12 +441,13 @@ def _state_signature(model: "HopeLlamaForCausalLM") -> Dict[str, Any]:
 
 
 # --- the adapted model --------------------------------------------------------------------------
-class HopeLlamaForCausalLM(LlamaForCausalLM):
+class HopeLlamaForCausalLM(StatefulGenerationMixin, LlamaForCausalLM):
     """A `LlamaForCausalLM` with the HOPE adapter (see the module docstring). Get one with
     `apply_hope_adapter(llama, adapter_config)` or `load_hope_adapter(llama, folder)`;
     `HopeLlamaForCausalLM(llama_config, adapter_config)` builds a randomly initialised one."""
 
     _is_stateful = True  # generate() refuses assisted decoding: the fast weights cannot roll back
+    cache_class = HopeLlamaCache  # generate() hooks: `StatefulGenerationMixin`
     hope_adapter_config: HopeAdapterConfig
 
     def __init__(self, config: LlamaConfig, adapter_config: HopeAdapterConfig) -> None:
@@ -548,36 +538,8 @@ class HopeLlamaForCausalLM(LlamaForCausalLM):
             cache.token_mask = full_mask
         return outputs  # Llama's forward returns the cache it was given, under CACHE_NAME
 
-    # --- generate() integration (HF-NOTES.md) --------------------------------------------------
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False
-
-    def _prepare_cache_for_generation(
-        self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
-    ) -> None:
-        user_cache = generation_cache(model_kwargs)
-        if user_cache is not None:
-            if not isinstance(user_cache, HopeLlamaCache):
-                raise TypeError(f"{CACHE_NAME} must be a HopeLlamaCache, got {type(user_cache).__name__}")
-        if generation_config.cache_implementation is not None:
-            raise ValueError(f"A Hope-adapted model carries its own HopeLlamaCache; cache_implementation="
-                             f"{generation_config.cache_implementation!r} is not supported (leave it None)")
-        if user_cache is not None:
-            user_cache._is_user_defined = True
-        elif generation_config.use_cache is not False:
-            model_kwargs[CACHE_NAME] = HopeLlamaCache(self)
-
-    def _expand_inputs_for_generation(
-        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs
-    ):
-        # generate() expands the inputs for beams / num_return_sequences, not a cache passed in.
-        cache = generation_cache(model_kwargs)
-        if expand_size > 1 and isinstance(cache, HopeLlamaCache) and cache.seen_tokens is not None:
-            cache.batch_repeat_interleave(expand_size)
-        return super()._expand_inputs_for_generation(
-            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
-        )
+    def new_cache(self) -> HopeLlamaCache:
+        return HopeLlamaCache(self)
 
 
 def _adapt_in_place(model: LlamaForCausalLM, adapter_config: HopeAdapterConfig) -> None:

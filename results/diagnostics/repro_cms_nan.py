@@ -54,6 +54,6 @@ for mod in m.modules():
     mod.register_forward_hook(hook)
 for name in ("chunked", "reference"):
     first.clear()
-    with torch.no_grad(), scan_implementation(name):
+    with torch.no_grad(), scan_implementation(m, name):
         m(x)
     print(f"{name}: first module with a non-finite output: {first}")

@@ -75,7 +75,7 @@ for step, state in snapshots:
     for name in ("chunked", "reference"):
         record.clear()
         model.zero_grad(set_to_none=True)
-        with scan_implementation(name):
+        with scan_implementation(model, name):
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         labels=batch["labels"], use_cache=False)
         out.loss.backward()

@@ -2,7 +2,8 @@
 
 A tiny self-modifying HOPE (deep memories) with every memory's initial state scaled to trained-like
 norms (W1 ~ N(0, s1^2), W2 ~ N(0, s2^2)), the learning-rate bias at +8 (eta ~ eta_max) and alpha ~ 1,
-run over 4096 random tokens, with `memory_hope.step_bound` on and off (factor forced to 1).
+run over 4096 random tokens, with `primitives.step_bound` on and off (factor forced to 1; `primitives.dgd_terms` calls it on
+both the chunked and the reference paths).
 Prints the largest |state| and |logit| and whether they are finite.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python results/diagnostics/step_bound_stability.py
@@ -11,7 +12,7 @@ import sys
 
 import torch
 
-import hope_hf.memory_hope as memory_hope
+import hope_hf.models.hope.primitives as primitives
 from hope_hf import HopeConfig, HopeForCausalLM
 
 torch.set_num_threads(1)
@@ -38,21 +39,20 @@ def trained_like(eta_max, s1, s2, memory_read="token", seed=0, length=4096, memo
     ids = torch.randint(3, 61, (1, length), generator=torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
         out = model(ids, use_cache=True)
-    states = [t for layer in out.past_key_values.layers for n, t in layer.state.items()
+    states = [t for layer in out.past_key_values.layers for n, t in layer.state.flatten().items()
               if n.startswith("mem.") and t.is_floating_point()]
     top = max(float(t.abs().max()) for t in states)
     return top, float(out.logits.abs().max())
 
 
 if __name__ == "__main__":
-    original = memory_hope.step_bound
-    import hope_hf.ops_chunked as ops_chunked
+    original = primitives.step_bound
     for bounded in (True, False):
         if not bounded:
             unbounded = lambda state, key, target_key, eta, act: {n: torch.ones_like(eta) for n in state}  # noqa: E731
-            ops_chunked.step_bound = unbounded
+            primitives.step_bound = unbounded
         else:
-            ops_chunked.step_bound = original
+            primitives.step_bound = original
         for eta_max in (1.0, 1.9):
             for s1, s2 in ((0.5, 2.0), (1.0, 3.0)):
                 top, logit = trained_like(eta_max, s1, s2)

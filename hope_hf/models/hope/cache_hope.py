@@ -207,7 +207,31 @@ def validate_state(tensors: Dict[str, torch.Tensor], config, seen_columns: int) 
     return problems
 
 
-class HopeCacheLayer:
+class BatchFirstOps:
+    """`reorder_cache`, `batch_repeat_interleave` and `batch_select_indices` (what generate() calls for
+    beams and batch selection) for state whose tensors are all batch-first: each runs the next base
+    class's version, if it has one, then indexes this object's own tensors through
+    `_apply_per_sample(fn)`, which the class defines."""
+
+    _apply_per_sample: Callable[[Callable[[torch.Tensor], torch.Tensor]], None]
+
+    def _index_all(self, method: str, argument, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        base = getattr(super(), method, None)
+        if base is not None:
+            base(argument)
+        self._apply_per_sample(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._index_all("reorder_cache", beam_idx, lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._index_all("batch_repeat_interleave", repeats, lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._index_all("batch_select_indices", indices, lambda x: x[indices.to(x.device)])
+
+
+class HopeCacheLayer(BatchFirstOps):
     """The state of one `HopeBlock` in a cache: a `LayerState`."""
 
     is_compileable = False
@@ -222,17 +246,8 @@ class HopeCacheLayer:
     def is_initialized(self) -> bool:
         return bool(self.state)
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def _apply_per_sample(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.state = self.state.apply(lambda name, tensor: fn(tensor))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._apply(lambda x: x.index_select(0, beam_idx.to(x.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply(lambda x: x.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._apply(lambda x: x[indices.to(x.device)])
 
     def reset(self) -> None:
         self.state = LayerState()
@@ -250,7 +265,7 @@ class HopeCacheLayer:
         return f"HopeCacheLayer({len(self.state.flatten())} tensors)"
 
 
-class HopeCache(Cache):
+class HopeCache(BatchFirstOps, Cache):
     """Fast-weight memory states, CMS chunk buffers and counters (and KV pairs for
     `mixer="attention"`) of a [`HopeModel`], per sample.
 
@@ -295,21 +310,9 @@ class HopeCache(Cache):
         return out
 
     # --- batch manipulation (beam search, batch selection) ------------------------------------
-    def _apply_counters(self, fn) -> None:
+    def _apply_per_sample(self, fn) -> None:  # the layers index their own state (Cache's methods)
         if self.seen_tokens is not None:
             self.seen_tokens = fn(self.seen_tokens)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._apply_counters(lambda x: x.index_select(0, beam_idx.to(x.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._apply_counters(lambda x: x.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._apply_counters(lambda x: x[indices.to(x.device)])
 
     def reset(self) -> None:
         super().reset()
@@ -362,7 +365,7 @@ class HopeCache(Cache):
             return x.to(device=device, dtype=dtype if dtype is not None and x.is_floating_point() else None)
 
         for layer in self.layers:
-            layer._apply(convert)
+            layer._apply_per_sample(convert)
         if self.seen_tokens is not None:
             self.seen_tokens = self.seen_tokens.to(device)
         return self

@@ -260,8 +260,11 @@ class HopeConfig(PretrainedConfig):
             _check(self, name, lambda v: isinstance(v, bool), "a bool")
         for name, accepted in CHOICES.items():
             _check(self, name, lambda v, accepted=accepted: v in accepted, f"one of {list(accepted)}")
-        _check(self, "cms_chunk_sizes", lambda v: isinstance(v, list) and all(e is None or _is_positive_int(e) for e in v),
-               "a list of positive ints or None")
+        _check(self, "cms_chunk_sizes", lambda v: isinstance(v, list), "a list of positive ints or None")
+        bad = [size for size in self.cms_chunk_sizes if size is not None and not _is_positive_int(size)]
+        if bad:
+            raise ValueError(f"HopeConfig.cms_chunk_sizes entries must be positive ints or None, got {bad[0]!r} "
+                             f"in {self.cms_chunk_sizes!r}")
         if self.hidden_size % self.num_heads != 0:
             raise ValueError(
                 f"HopeConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"

@@ -193,7 +193,7 @@ def _per_problem(condition, repeats: int):
     return condition if isinstance(condition, bool) else condition.repeat_interleave(repeats)
 
 
-def _state_dtype(weights: Weights) -> torch.dtype:
+def _dtype_of(weights: Weights) -> torch.dtype:
     return next(iter(weights.values())).dtype
 
 
@@ -215,7 +215,7 @@ def _run_main_memory(
     padding positions); eta, alpha: [B, L, H]. The DGD target is `value` (titans) or the
     self-generated `M_mem[S](value)` (self-modifying, `value` = unit value). Returns the reads
     [B, L, H, D], the reads at padding tokens per segment, and the end state."""
-    dtype = _state_dtype(state.current)
+    dtype = _dtype_of(state.current)
     batch, heads = q.shape[0], q.shape[2]
     shape = {w: t.shape[1:] for w, t in state.current.items()}  # [H, O, I]
     q, key, value = (_flat(x.transpose(1, 2).to(dtype), 2) for x in (q, key, value))  # [B*H, L, D]
@@ -280,7 +280,7 @@ def _pad_token_reads(solves, z: torch.Tensor, samples: torch.Tensor, slots: torc
 def _read_at(weights: Weights, z: torch.Tensor, samples: torch.Tensor, rule: MemoryRule) -> torch.Tensor:
     """Reads of single vectors z [P, H, D] at the weights of the given samples [P] -> [P, H, D]."""
     chosen = {name: weight[samples] for name, weight in weights.items()}
-    return memory_read(chosen, z.to(_state_dtype(weights)).unsqueeze(-2), rule.activation).squeeze(-2)
+    return memory_read(chosen, z.to(_dtype_of(weights)).unsqueeze(-2), rule.activation).squeeze(-2)
 
 
 @in_state_precision
@@ -352,7 +352,7 @@ def self_modifying_titans_chunk(
     token; then the main memory (chunk `C_mem`) reads and learns from them."""
     grid = ChunkGrid(seen, mask, chunk_size)
     names = PROJECTION_MEMORIES
-    dtype = _state_dtype(state["k"].current)
+    dtype = _dtype_of(state["k"].current)
     batch, heads, copies = a.shape[0], a.shape[2], len(names)
     stacked = MemoryState(_stack([state[n].start for n in names]), _stack([state[n].current for n in names]))
     shape = {w: t.shape[1:] for w, t in stacked.current.items()}  # [4, H, O, I]

@@ -605,7 +605,53 @@ class HopeModel(HopePreTrainedModel):
         return state_dtype(self.embed_tokens.weight.dtype)
 
 
-class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
+class StatefulGenerationMixin:
+    """generate() integration of a model that carries its own cache of fast weights (HOPE, and the
+    HOPE-adapted Llama): no default DynamicCache, no `cache_implementation`, a user's cache of the
+    model's `cache_class` is used (and expanded for beams), otherwise a fresh one per call.
+    Put it before the `PreTrainedModel` / `GenerationMixin` bases."""
+
+    cache_class: type
+
+    def new_cache(self):
+        """A fresh, empty cache for this model."""
+        return self.cache_class(self.config)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length) -> None:
+        user_cache = generation_cache(model_kwargs)
+        name = self.cache_class.__name__
+        if user_cache is not None:
+            if not isinstance(user_cache, self.cache_class):
+                raise TypeError(f"{CACHE_NAME} must be a {name}, got {type(user_cache).__name__}")
+            if generation_config.cache_implementation is not None:
+                raise ValueError(f"Pass either cache_implementation or {CACHE_NAME} to generate(), not both")
+            user_cache._is_user_defined = True
+            return
+        if generation_config.cache_implementation is not None:
+            raise ValueError(f"{type(self).__name__} carries its own {name}; cache_implementation="
+                             f"{generation_config.cache_implementation!r} is not supported (leave it None)")
+        if generation_config.use_cache is not False:
+            model_kwargs[CACHE_NAME] = self.new_cache()
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None,
+                                      **model_kwargs):
+        # generate() expands inputs for beams / num_return_sequences but not a cache passed in by
+        # the user: expand its per-sample state the same way.
+        cache = generation_cache(model_kwargs)
+        if expand_size > 1 and isinstance(cache, self.cache_class) and cache.seen_tokens is not None:
+            cache.batch_repeat_interleave(expand_size)
+        return super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+
+
+class HopeForCausalLM(StatefulGenerationMixin, HopePreTrainedModel, GenerationMixin):
+    cache_class = HopeCache
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: HopeConfig) -> None:
@@ -673,35 +719,5 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
         )
         return output if return_dict else output.to_tuple()
 
-    # --- generate() integration (see HF-NOTES.md) ------------------------------------------------
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
-        user_cache = generation_cache(model_kwargs)
-        if user_cache is not None:
-            if not isinstance(user_cache, HopeCache):
-                raise TypeError(f"{CACHE_NAME} must be a HopeCache, got {type(user_cache).__name__}")
-            if generation_config.cache_implementation is not None:
-                raise ValueError(f"Pass either cache_implementation or {CACHE_NAME} to generate(), not both")
-            user_cache._is_user_defined = True
-            return
-        if generation_config.cache_implementation is not None:
-            raise ValueError(f"HOPE models carry their own HopeCache; cache_implementation="
-                             f"{generation_config.cache_implementation!r} is not supported (leave it None)")
-        if generation_config.use_cache is False:
-            return
-        model_kwargs[CACHE_NAME] = HopeCache(self.config)
-
-    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
-        # generate() expands inputs for beams / num_return_sequences but not a cache passed in by
-        # the user: expand its per-sample state the same way.
-        cache = generation_cache(model_kwargs)
-        if expand_size > 1 and isinstance(cache, HopeCache) and cache.is_initialized:
-            cache.batch_repeat_interleave(expand_size)
-        return super()._expand_inputs_for_generation(
-            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
-        )
 
 __all__ = ["HopePreTrainedModel", "HopeModel", "HopeForCausalLM", "scan_implementation"]
