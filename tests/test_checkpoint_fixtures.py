@@ -52,6 +52,7 @@ def test_legacy_defaults_apply_only_to_configs_saved_without_the_field(tmp_path)
 
     old = HopeConfig.from_pretrained(FIXTURES / "self_modifying-deep")  # saved by 0.1.0: no memory_read
     assert old.memory_read == LEGACY_DEFAULTS["memory_read"]
+    assert old.dgd_step_bound is False and old.eta_max == LEGACY_DEFAULTS["eta_max"]  # 0.1.0 had no step bound
     new = HopeConfig(vocab_size=61, hidden_size=16, num_heads=2, num_hidden_layers=1)
     assert new.memory_read != LEGACY_DEFAULTS["memory_read"]  # today's default
     new.save_pretrained(tmp_path)

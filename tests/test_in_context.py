@@ -137,10 +137,23 @@ def test_trained_like_memories_stay_bounded_over_4096_tokens(monkeypatch, eta_ma
     state, logit = _largest_over_stream(model, ids, 512)
     assert state <= 1.5 * initial and logit < 10.0, (state, initial, logit)
     if mixer == "self_modifying" and eta_max == 1.0:
-        monkeypatch.setattr(primitives, "step_bound", lambda state, key, target_key, eta, act:
-                            {n: torch.ones_like(eta) for n in state})
-        state, _ = _largest_over_stream(model, ids[:, :256], 16)
+        unbounded = trained_like(0, eta_max, mixer=mixer, dgd_step_bound=False)  # the same weights
+        state, _ = _largest_over_stream(unbounded, ids[:, :256], 16)
         assert state > 100 * initial  # the bound is what keeps it
+
+
+@pytest.mark.parametrize("memory_read", ["token", "chunk"])
+def test_unbounded_step_reference_equals_chunked(memory_read):
+    """`dgd_step_bound=False` (what checkpoints saved before the bound compute with): both paths agree,
+    and differ from the bounded step where the bound is active."""
+    # the default init: key_value_init_range 0.3 and eta up to 2 make the bound active from the start
+    overrides = dict(dtype=torch.float64, memory_read=memory_read, chunk_size=4, memory_chunk_size=8)
+    model = tiny_model(seed=8, dgd_step_bound=False, **overrides)
+    ids, mask = padded_batch(3, 24, [0, 6])
+    compare(model, ids, mask, [7, 19], 1e-10)
+    bounded = tiny_model(seed=8, **overrides)
+    with torch.no_grad():
+        assert (model(ids).logits - bounded(ids).logits).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("memory_read", ["token", "chunk"])

@@ -30,7 +30,7 @@ CHOICES = {
 # just how it is initialised), with the value 0.1.0 computed with. A saved config that lacks one
 # (`HopeConfig.from_dict`), or a v1 adapter's `hope_kwargs`, gets that value, so a checkpoint keeps
 # computing what it computed when it was saved.
-LEGACY_DEFAULTS = {"memory_read": "chunk", "eta_max": 0.5}
+LEGACY_DEFAULTS = {"memory_read": "chunk", "eta_max": 0.5, "dgd_step_bound": False}
 
 
 def _is_positive_int(value) -> bool:
@@ -85,6 +85,11 @@ class HopeConfig(PretrainedConfig):
             (0, 2]. Above 1 the DGD transition `alpha I - eta u~ u~^T` gets eigenvalues below 0 along
             the key (state tracking, Grazzi et al. 2024); `primitives.step_bound` keeps the step
             stable at any eta below 2. Default 2 (docs/design.md §8.5).
+        dgd_step_bound: Bound each DGD gradient step by the curvature of the whole inner loss, the
+            self-generated target's dependence on the state included (`primitives.step_bound`, a
+            stop-gradient factor >= 1; docs/design.md §3.2, §8.4). `False` takes the plain normalised
+            step, which can diverge for trained weights at large eta (what checkpoints saved before
+            the bound existed compute with).
         eta_init: Initial inner learning rate as a fraction of `eta_max` (eta = 1 at init with the
             default eta_max 2; docs/design.md §8.7).
         alpha_init: Initial retention `alpha_t`, near 1 so that decay does not drown the writes
@@ -153,6 +158,7 @@ class HopeConfig(PretrainedConfig):
         memory_chunk_size: int = 64,
         memory_read: str = "token",
         eta_max: float = 2.0,
+        dgd_step_bound: bool = True,
         eta_init: float = 0.5,
         alpha_init: float = 0.999,
         conv_window: int = 4,
@@ -193,6 +199,7 @@ class HopeConfig(PretrainedConfig):
         self.memory_chunk_size = memory_chunk_size
         self.memory_read = memory_read
         self.eta_max = eta_max
+        self.dgd_step_bound = dgd_step_bound
         self.eta_init = eta_init
         self.alpha_init = alpha_init
         self.conv_window = conv_window
@@ -256,7 +263,7 @@ class HopeConfig(PretrainedConfig):
         for name in ("eta_init", "alpha_init", "cms_alpha_init"):
             _check(self, name, lambda v: _is_float(v) and 0.0 < v < 1.0, "a float in (0, 1)")
         _check(self, "eta_max", lambda v: _is_float(v) and 0.0 < v <= 2.0, "a float in (0, 2]")
-        for name in ("in_context_updates", "use_fla_kernels"):
+        for name in ("in_context_updates", "use_fla_kernels", "dgd_step_bound"):
             _check(self, name, lambda v: isinstance(v, bool), "a bool")
         for name, accepted in CHOICES.items():
             _check(self, name, lambda v, accepted=accepted: v in accepted, f"one of {list(accepted)}")

@@ -124,7 +124,7 @@ def _memory_chunk_update(
 
     Returns the end state, or with `token_reads` a `(end state, solves)` pair: each weight's
     `ChunkSolve`, whose `reads` give the per-token states' reads (`_token_reads`)."""
-    terms = dgd_terms(start, key, target, rule.activation, rule.eps, target_key, eta)
+    terms = dgd_terms(start, key, target, rule.activation, rule.eps, target_key, eta if rule.step_bound else None)
     if "W" in current and not token_reads and rule.use_fla and use_fla(current["W"]):
         return {"W": fla_dgd_chunk(current["W"], *terms["W"], eta, log_alpha, compute_dtype=rule.fla_dtype)}
     if "W1" in current and current["W1"].shape == current["W2"].shape and key.shape[-2] > 1:  # both layers in one solve

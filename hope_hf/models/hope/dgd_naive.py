@@ -53,7 +53,8 @@ def _learn(state: MemoryState, key: torch.Tensor, target: torch.Tensor, target_k
     [B, H, D] (target_key: the key of a self-generated target, None for a plain one); eta, alpha:
     [B, H]; active, chunk_end: [B] bool."""
     terms = dgd_terms(state.start, key.unsqueeze(-2), target.unsqueeze(-2), rule.activation, rule.eps,
-                      None if target_key is None else target_key.unsqueeze(-2), eta.unsqueeze(-1))
+                      None if target_key is None else target_key.unsqueeze(-2),
+                      eta.unsqueeze(-1) if rule.step_bound else None)
     terms = {name: (unit.squeeze(-2), write.squeeze(-2)) for name, (unit, write) in terms.items()}
     current = select_where(active, dgd_step(state.current, terms, eta, alpha), state.current)
     return MemoryState(select_where(active & chunk_end, current, state.start), current)

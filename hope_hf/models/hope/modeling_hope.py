@@ -227,7 +227,7 @@ class HopeMemoryMixer(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
         self.rule = MemoryRule(
             activation=config.memory_activation, eps=config.norm_eps, updates=config.in_context_updates,
-            recompute_above=config.scan_recompute_threshold, memory_read=config.memory_read,
+            memory_read=config.memory_read, step_bound=config.dgd_step_bound, recompute_above=config.scan_recompute_threshold,
             use_fla=config.use_fla_kernels, fla_dtype=getattr(torch, config.fla_dtype),
         )
 

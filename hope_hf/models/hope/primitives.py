@@ -33,8 +33,9 @@ class MemoryRule:
     activation: str
     eps: float  # of the l2 normalisations
     updates: bool  # False: memories stay at their initial state (the no-in-context-learning ablation)
+    memory_read: str  # "token": M_mem read at the current state (Eq. 88); "chunk": at the chunk start (Eq. 90)
+    step_bound: bool  # bound every gradient step by the inner curvature (`step_bound`)
     recompute_above: Optional[int] = None  # chunked path: recompute the scan in the backward above this many chunks
-    memory_read: str = "chunk"  # "token": M_mem read at the current state (Eq. 88); "chunk": at the chunk start (Eq. 90)
     use_fla: bool = True  # linear memories on CUDA: fla's gated-delta-rule kernel for the end state, when installed
     fla_dtype: torch.dtype = torch.bfloat16  # the dtype fla's kernel computes in (the state stays float32)
 
@@ -113,7 +114,7 @@ def dgd_terms(
     i.e. the gradient term `-eta / (max(1, ||u||^2) b) e u^T` with the inner gradient `e u^T` taken at
     the chunk-start weights `state`, `u~ = u / ||u||`, and `b` the stop-gradient `step_bound` factor
     (it needs `eta`; `target_key` is the key of a self-generated target, None for a plain one; without
-    eta, b = 1). The max(1, ||u||^2) normalisation keeps the step a contraction for a deep memory's
+    eta, b = 1: the unbounded step, `HopeConfig.dgd_step_bound=False`). The max(1, ||u||^2) normalisation keeps the step a contraction for a deep memory's
     hidden input (||u|| >> 1); it is the identity for unit keys.
 
     state: weights [..., O, I]; key, target, target_key: [..., C, D]; eta: [..., C].
