@@ -418,3 +418,23 @@ def test_cms_hand_backward_equals_reference_where_the_gains_are_active(length):
     # the regime under test: gains above 1 at the first chunk
     first = SwiGLUPass([leaves[k] for k in ("gate", "up", "down")], leaves["n"][:, :1], leaves["n"][:, :1])
     assert bool((torch.stack([first.gain_gate, first.gain_up]) > 1).all())
+
+
+@pytest.mark.parametrize("memory_type,memory_read,seed", [("deep", "token", 0), ("deep", "chunk", 1), ("linear", "token", 2)])
+def test_token_by_token_decoding_equals_reference(memory_type, memory_read, seed):
+    """Single-token calls (the decoding path: all five memories stepped together, `_self_modifying_token`)
+    against one reference call, with left padding and a pad in the middle, across chunk boundaries."""
+    model = tiny_model(seed=seed, dtype=torch.float64, memory_type=memory_type, memory_read=memory_read, chunk_size=3,
+                       memory_chunk_size=5, cms_chunk_sizes=[4, None])
+    ids, mask = padded_batch(seed, 23, [0, 3])
+    mask[1, 10] = 0
+    with torch.no_grad():
+        with scan_implementation(model, "reference"):
+            ref = model(ids, attention_mask=mask).logits
+        cache, steps = None, []
+        for t in range(ids.shape[1]):
+            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache, use_cache=True)
+            cache = output_cache(out)
+            steps.append(out.logits)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, dim=1)[real], ref[real], atol=1e-10, rtol=0)

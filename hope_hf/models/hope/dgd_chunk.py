@@ -26,6 +26,7 @@ import torch
 from .cache_hope import MemoryState
 from .chunk_grid import ChunkGrid, in_state_precision, masked_rates, scan_chunks, select_where
 from .dgd_fla import fla_dgd_chunk, use_fla
+from .dgd_naive import dgd_step
 from .primitives import MemoryRule, Weights, activation, dgd_terms, l2norm, memory_read
 
 PROJECTION_MEMORIES = ("k", "v", "eta", "alpha")
@@ -349,7 +350,11 @@ def self_modifying_titans_chunk(
 
     Two passes: the projection memories `M_k, M_v, M_eta, M_alpha` (chunk `C`, stacked and
     updated together since they share keys, eta and alpha) produce k, v, eta, alpha for every
-    token; then the main memory (chunk `C_mem`) reads and learns from them."""
+    token; then the main memory (chunk `C_mem`) reads and learns from them. One token per sample
+    (decoding) takes `_self_modifying_token`: the five memories' steps at once."""
+    if a.shape[1] == 1 and rule.updates:
+        return _self_modifying_token(a, q, state, seen, mask, eta_readout, eta_bias, alpha_readout, alpha_bias,
+                                     eta_max, chunk_size, memory_chunk_size, rule)
     grid = ChunkGrid(seen, mask, chunk_size)
     names = PROJECTION_MEMORIES
     dtype = _dtype_of(state["k"].current)
@@ -403,3 +408,38 @@ def self_modifying_titans_chunk(
     end = {name: MemoryState(s, c) for name, s, c in zip(names, starts, currents)}
     end["mem"] = mem
     return mem_grid.gather(o, pad_reads).to(q.dtype), end
+
+
+def _self_modifying_token(a, q, state: Dict[str, MemoryState], seen, mask, eta_readout, eta_bias, alpha_readout,
+                          alpha_bias, eta_max: float, chunk_size: int, memory_chunk_size: int,
+                          rule: MemoryRule) -> Tuple[torch.Tensor, Dict[str, MemoryState]]:
+    """One token per sample (decoding). All five memories share the token's key, unit value, eta and
+    alpha, so their DGD steps are one stacked step over [B, 5, H] weights (`dgd_naive.dgd_step`, the
+    one-token case of the chunk's closed form); a padding token keeps every state.
+    a, q: [B, 1, H, D]; mask: [B, 1]. The end states are views of one stacked tensor per weight, which
+    the next call's `_stack` takes without copying."""
+    names = PROJECTION_MEMORIES + ("mem",)
+    act = rule.activation
+    start, current = _stack([state[n].start for n in names]), _stack([state[n].current for n in names])  # [B, 5, H, O, I]
+    a_t, q_t = a.transpose(1, 2).unsqueeze(1), q.transpose(1, 2)  # [B, 1, H, 1, D], [B, H, 1, D]
+    reads = memory_read({w: t[:, :4] for w, t in start.items()}, a_t, act)  # [B, 4, H, 1, D]
+    key, v_unit = l2norm(reads[:, 0], rule.eps), l2norm(reads[:, 1], rule.eps)  # [B, H, 1, D]
+    eta = eta_max * torch.sigmoid((reads[:, 2] * eta_readout[:, None]).sum(-1) + eta_bias[:, None])  # [B, H, 1]
+    alpha = torch.sigmoid((reads[:, 3] * alpha_readout[:, None]).sum(-1) + alpha_bias[:, None])
+    read_at = current if rule.memory_read == "token" else start
+    o = memory_read({w: t[:, 4] for w, t in read_at.items()}, q_t, act)  # [B, H, 1, D]
+    targets = memory_read(start, v_unit.unsqueeze(1), act)  # every memory's self-generated value, [B, 5, H, 1, D]
+    copies = lambda x: x.unsqueeze(1).expand(-1, len(names), *x.shape[1:])  # noqa: E731  [B, ...] -> [B, 5, ...]
+    terms = dgd_terms(start, copies(key), targets, act, rule.eps, copies(v_unit),
+                      copies(eta) if rule.step_bound else None)
+    terms = {w: (unit.squeeze(-2), write.squeeze(-2)) for w, (unit, write) in terms.items()}
+    stepped = dgd_step(current, terms, eta.squeeze(-1).unsqueeze(1), alpha.squeeze(-1).unsqueeze(1))
+    active = mask[:, 0]
+    periods = torch.tensor([chunk_size] * 4 + [memory_chunk_size], device=active.device)
+    chunk_end = (active[:, None] & ((seen + 1)[:, None] % periods == 0)).view(-1, len(names), 1, 1, 1)  # [B, 5, 1, 1, 1]
+    keep = active.view(-1, 1, 1, 1, 1)
+    current = {w: torch.where(keep, stepped[w], t) for w, t in current.items()}
+    start = {w: torch.where(chunk_end, current[w], t) for w, t in start.items()}
+    starts, currents = _unstack(start, len(names)), _unstack(current, len(names))
+    end = {name: MemoryState(s, c) for name, s, c in zip(names, starts, currents)}
+    return o.transpose(1, 2).to(q.dtype), end
