@@ -27,7 +27,7 @@ from .cache_hope import MemoryState
 from .chunk_grid import ChunkGrid, in_state_precision, masked_rates, scan_chunks, select_where
 from .dgd_fla import fla_dgd_chunk, use_fla
 from .dgd_naive import dgd_step
-from .primitives import MemoryRule, Weights, activation, dgd_terms, l2norm, memory_read
+from .primitives import MemoryRule, Weights, activation, dgd_terms, flush_subnormals, l2norm, memory_read
 
 PROJECTION_MEMORIES = ("k", "v", "eta", "alpha")
 
@@ -71,9 +71,10 @@ class ChunkSolve:
         self.pseudo = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
 
     def end(self) -> torch.Tensor:
-        """W_C [..., O, I]."""
+        """W_C [..., O, I], subnormals flushed (`primitives.flush_subnormals`)."""
         tail = (self.log_gamma[..., -1:] - self.log_gamma).exp()  # gamma_C / gamma_s, [..., C]
-        return self.log_gamma[..., -1, None, None].exp() * self.weight + (self.pseudo * tail[..., None]).transpose(-1, -2) @ self.unit
+        end = self.log_gamma[..., -1, None, None].exp() * self.weight + (self.pseudo * tail[..., None]).transpose(-1, -2) @ self.unit
+        return flush_subnormals(end)
 
     def reads(self, z: torch.Tensor) -> torch.Tensor:
         """`W_{t-1} z_t` for z [..., C, I] -> [..., C, O]."""
@@ -127,7 +128,7 @@ def _memory_chunk_update(
     `ChunkSolve`, whose `reads` give the per-token states' reads (`_token_reads`)."""
     terms = dgd_terms(start, key, target, rule.activation, rule.eps, target_key, eta if rule.step_bound else None)
     if "W" in current and not token_reads and rule.use_fla and use_fla(current["W"]):
-        return {"W": fla_dgd_chunk(current["W"], *terms["W"], eta, log_alpha, compute_dtype=rule.fla_dtype)}
+        return {"W": flush_subnormals(fla_dgd_chunk(current["W"], *terms["W"], eta, log_alpha, compute_dtype=rule.fla_dtype))}
     if "W1" in current and current["W1"].shape == current["W2"].shape and key.shape[-2] > 1:  # both layers in one solve
         both = ChunkSolve(
             torch.cat([current["W1"], current["W2"]]), torch.cat([terms["W1"][0], terms["W2"][0]]),

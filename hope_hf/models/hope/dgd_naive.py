@@ -19,7 +19,7 @@ import torch
 
 from .cache_hope import MemoryState
 from .chunk_grid import select_where
-from .primitives import MemoryRule, Weights, dgd_terms, l2norm, memory_read
+from .primitives import MemoryRule, Weights, dgd_terms, flush_subnormals, l2norm, memory_read
 
 
 def dgd_step(current: Weights, terms: Dict[str, Tuple[torch.Tensor, torch.Tensor]], eta: torch.Tensor,
@@ -30,13 +30,13 @@ def dgd_step(current: Weights, terms: Dict[str, Tuple[torch.Tensor, torch.Tensor
 
     current: `W_{t-1}` [B, H, O, I]; terms: name -> (u~ [B, H, I], r [B, H, O]) from
     `primitives.dgd_terms` (the inner gradient at the chunk-start state, normalised and bounded);
-    eta, alpha: [B, H]."""
+    eta, alpha: [B, H]. Subnormal entries of the result are flushed to zero (`flush_subnormals`)."""
     eta_, alpha_ = eta[..., None, None], alpha[..., None, None]
     new = {}
     for name, weight in current.items():
         unit, write = terms[name]
         erased = (weight @ unit.unsqueeze(-1)).squeeze(-1)  # W_{t-1} u~, [B, H, O]
-        new[name] = alpha_ * weight + eta_ * (write - erased).unsqueeze(-1) * unit.unsqueeze(-2)
+        new[name] = flush_subnormals(alpha_ * weight + eta_ * (write - erased).unsqueeze(-1) * unit.unsqueeze(-2))
     return new
 
 

@@ -80,6 +80,18 @@ def l2norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
+def flush_subnormals(x: torch.Tensor) -> torch.Tensor:
+    """`x` with its subnormal entries set to zero (or +-tiny); every other entry moves by at most one unit in
+    its last place or `finfo.tiny`, whichever is larger. A fast weight that decays by alpha per update where nothing writes reaches
+    the subnormal range after enough updates, and x86 arithmetic on subnormals is ~100x slower; this
+    keeps a state out of it without touching the process-wide flush-to-zero flag. Two elementwise ops:
+    adding `c = 2 tiny / eps` (a power of two whose spacing is 2 tiny) rounds any subnormal to c or to
+    the normal number next to it, and subtracting c leaves 0 or +-tiny."""
+    info = torch.finfo(x.dtype)
+    c = 2.0 * info.tiny / info.eps
+    return (x + c) - c
+
+
 # --- memories -------------------------------------------------------------------------------------
 def memory_read(state: Weights, z: torch.Tensor, act: str) -> torch.Tensor:
     """`M[state](z)`: weights [..., O, I], z [..., C, D] -> [..., C, D]."""
@@ -283,5 +295,5 @@ def cms_step(weights: Sequence[torch.Tensor], gradient_sums: Sequence[torch.Tens
 
         theta <- alpha * theta - eta / max(1, sum_t ||u_t||^2 g_t) * sum_{t in chunk} grad_t
 
-    with `rates` = eta / max(1, ...) ([B, 1, 1] each, `SwiGLUPass.rates`)."""
-    return tuple(alpha * w - r.to(w.dtype) * g.to(w.dtype) for w, g, r in zip(weights, gradient_sums, rates))
+    with `rates` = eta / max(1, ...) ([B, 1, 1] each, `SwiGLUPass.rates`); subnormals flushed (`flush_subnormals`)."""
+    return tuple(flush_subnormals(alpha * w - r.to(w.dtype) * g.to(w.dtype)) for w, g, r in zip(weights, gradient_sums, rates))
