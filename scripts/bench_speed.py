@@ -12,17 +12,30 @@ Every cell runs in its own subprocess (so peak RSS is per cell and nothing warms
 one warm-up, then `--repeats` timed repeats; the table shows the median and the spread
 (min-max) is in the JSON. Ratios are against the Llama row of the same run.
 
+A second table, "linear-memory recurrence: ours vs fla naive chunk", times the recurrence of the
+`hope-linear` row's main memory alone (batch 1, `heads` problems of head_dim x head_dim, chunk
+`memory_chunk_size`, float32, T=2048 and 8192, forward under no_grad and forward + backward)
+in two implementations fed the same inputs: ours (`dgd_chunk.ChunkSolve` chunk after chunk: the
+per-token reads `reads(q)` and the end state `end()`) and flash-linear-attention's pure-torch
+chunked reference `fla.ops.gated_delta_rule.naive.naive_chunk_gated_delta_rule` (its outputs and
+final state), through the mapping `dgd_fla.gated_delta_inputs` (inside fla's timed region). The
+two end states are checked to agree (float32, 1e-4 relative) before anything is timed. Without
+fla installed the section is skipped with a note.
+
     python scripts/bench_speed.py                      # d=256, 4 layers, 4 heads, vocab 8192
     python scripts/bench_speed.py --size d=512,layers=8,heads=8 --quick
     python scripts/bench_speed.py --peer               # adds PyPI nested-learning 0.2.0 if it installs
+    python scripts/bench_speed.py --only-recurrence --quick   # the recurrence table alone, T=2048
 
-Writes `--out`/bench_speed.json and decode_latency.png (decode ms/token against context, log x).
+Writes `--out`/bench_speed.json and decode_latency.png (decode ms/token against context, log x),
+and `--out`/bench_recurrence.json for the recurrence table (`--only-recurrence` writes only that).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -37,6 +50,10 @@ sys.path.insert(0, str(ROOT))
 
 ROWS = ("llama", "hope", "hope-attention", "hope-linear", "hope-matched")
 DECODE_CONTEXTS = (512, 4096, 16384)
+RECURRENCE_ROWS = ("ours", "fla")  # HOPE's ChunkSolve, fla's naive_chunk_gated_delta_rule
+RECURRENCE_LENGTHS = (2048, 8192)
+RECURRENCE_MODES = ("fwd", "fwd+bwd")
+RECURRENCE_TOLERANCE = 1e-4  # relative gap allowed between the two end states (float32)
 
 
 # --- one cell, in a child process ----------------------------------------------------------------
@@ -92,6 +109,8 @@ def run_cell(cell: dict) -> dict:
     import torch
 
     row, task, size = cell["row"], cell["task"], cell["size"]
+    if task.startswith("recurrence"):
+        return run_recurrence_cell(cell)
     from hope_hf.models.hope.hf_compat import CACHE_NAME, output_cache
 
     repeats = cell["repeats"]
@@ -168,6 +187,203 @@ def counted_flops(model, ids, bf16: bool) -> float:
         loss.backward()
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
+
+
+# --- the linear-memory recurrence alone: ours against fla's naive chunk ---------------------------
+def recurrence_problem(size: Dict[str, int], length: int, requires_grad: bool = False) -> dict:
+    """The main memory of the `hope-linear` row as a bare recurrence: batch 1, `heads` problems of
+    W [head_dim, head_dim], `length` tokens, float32. Unit keys and queries, writes per unit eta of
+    size ~1, eta and alpha drawn around the config's initial values (`eta_max * sigmoid`, `sigmoid`),
+    W_0 ~ memory_init_range. Same seed in every cell, so every cell solves the same problem."""
+    import torch
+
+    from hope_hf import HopeConfig
+    from hope_hf.models.hope.primitives import l2norm
+
+    config = HopeConfig(memory_type="linear", vocab_size=size["vocab"], hidden_size=size["d"],
+                        num_hidden_layers=size["layers"], num_heads=size["heads"])
+    problems, dim = config.num_heads, config.head_dim  # batch 1: one problem per head
+    gen = torch.Generator().manual_seed(2)
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    tensors = {
+        "weight": config.memory_init_range * torch.randn(problems, dim, dim, generator=gen),
+        "unit": l2norm(torch.randn(problems, length, dim, generator=gen), 1e-6),
+        "write_per_eta": torch.randn(problems, length, dim, generator=gen),
+        "eta": config.eta_max * torch.sigmoid(logit(config.eta_init) + torch.randn(problems, length, generator=gen)),
+        "log_alpha": torch.nn.functional.logsigmoid(logit(config.alpha_init) + torch.randn(problems, length, generator=gen)),
+        "q": l2norm(torch.randn(problems, length, dim, generator=gen), 1e-6),
+    }
+    for tensor in tensors.values():
+        tensor.requires_grad_(requires_grad)
+    return {"tensors": tensors, "chunk": config.memory_chunk_size, "heads": problems, "head_dim": dim}
+
+
+def ours_recurrence(tensors: dict, chunk: int):
+    """HOPE's chunked linear-memory recurrence: `ChunkSolve` chunk after chunk, the reads
+    `W_{t-1} q_t` of every token and the end state. Returns (reads [N, T, D], W_T [N, O, I])."""
+    import torch
+
+    from hope_hf.models.hope.dgd_chunk import ChunkSolve
+
+    weight, length = tensors["weight"], tensors["unit"].shape[-2]
+    reads = []
+    for begin in range(0, length, chunk):
+        piece = slice(begin, begin + chunk)
+        solve = ChunkSolve(weight, tensors["unit"][:, piece], tensors["write_per_eta"][:, piece],
+                           tensors["eta"][:, piece], tensors["log_alpha"][:, piece])
+        reads.append(solve.reads(tensors["q"][:, piece]))
+        weight = solve.end()
+    return torch.cat(reads, dim=1), weight
+
+
+def fla_recurrence(tensors: dict, chunk: int):
+    """fla's `naive_chunk_gated_delta_rule` on the same inputs, mapped by `gated_delta_inputs`
+    (the mapping is part of the timed work). Its outputs are `W_t q_t` (token t's own write
+    included), ours `W_{t-1} q_t`: the same work, not the same numbers. Returns (outputs [N, T, D],
+    W_T [N, O, I])."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Triton is not supported on current platform" on CPU
+        from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule
+
+    from hope_hf.models.hope.dgd_fla import gated_delta_inputs
+
+    k, v, g, beta, h0 = gated_delta_inputs(tensors["weight"], tensors["unit"], tensors["write_per_eta"],
+                                           tensors["eta"], tensors["log_alpha"])
+    q = tensors["q"].transpose(0, 1).unsqueeze(0)  # [1, T, N, D]
+    out, final = naive_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk, scale=1.0, initial_state=h0,
+                                              output_final_state=True)
+    return out.squeeze(0).transpose(0, 1), final.squeeze(0).transpose(-1, -2)
+
+
+RECURRENCES = {"ours": ours_recurrence, "fla": fla_recurrence}
+
+
+def fla_naive_missing() -> Optional[str]:
+    """Why fla's naive gated delta rule cannot be imported (None: it can)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule  # noqa: F401
+    except Exception as error:  # ImportError, or fla failing to initialise
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def check_recurrences_agree(size: Dict[str, int], length: int) -> dict:
+    """Both recurrences on one problem (float32, no grad): the relative gap of their end states
+    (max |ours - fla| / max |fla|), which must be under RECURRENCE_TOLERANCE for the timings to
+    compare the same computation."""
+    import torch
+
+    problem = recurrence_problem(size, length)
+    with torch.no_grad():
+        _, ours = ours_recurrence(problem["tensors"], problem["chunk"])
+        _, fla = fla_recurrence(problem["tensors"], problem["chunk"])
+        gap = ((ours - fla).abs().max() / fla.abs().max()).item()
+        moved = ((ours - problem["tensors"]["weight"]).abs().max() / ours.abs().max()).item()
+    return {"length": length, "relative_gap": gap, "tolerance": RECURRENCE_TOLERANCE,
+            "state_moved": moved, "ok": gap < RECURRENCE_TOLERANCE and moved > 1e-2}
+
+
+def run_recurrence_cell(cell: dict) -> dict:
+    """One recurrence cell, task `recurrence:<T>:<fwd|fwd+bwd>`: one warm-up, `repeats` timed runs
+    (forward under no_grad, or forward + backward of sum(outputs) + sum(end state) into every
+    input), and the FLOPs of one run as FlopCounterMode counts them."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    row, task = cell["row"], cell["task"]
+    _, length, mode = task.split(":")
+    length, backward = int(length), mode == "fwd+bwd"
+    problem = recurrence_problem(cell["size"], length, requires_grad=backward)
+    tensors, chunk, recurrence = problem["tensors"], problem["chunk"], RECURRENCES[row]
+
+    def once() -> None:
+        with torch.set_grad_enabled(backward):
+            out, end = recurrence(tensors, chunk)
+            if backward:
+                (out.sum() + end.sum()).backward()
+                for tensor in tensors.values():
+                    tensor.grad = None
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        once()
+    times: List[float] = []
+    for step in range(cell["repeats"] + 1):
+        start = time.perf_counter()
+        once()
+        if step > 0:
+            times.append(time.perf_counter() - start)
+    return {"row": row, "task": task, "tokens_per_s": [length / t for t in times],
+            "flops_per_token": float(counter.get_total_flops()) / length,
+            "heads": problem["heads"], "head_dim": problem["head_dim"], "chunk": chunk,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_recurrence(size: Dict[str, int], lengths: List[int], args) -> dict:
+    """The recurrence section: skipped (with a note) without fla or when the two end states do not
+    agree; otherwise every (T, mode) cell for both rows, task-major, each in its own subprocess."""
+    from tqdm.auto import tqdm
+
+    missing = fla_naive_missing()
+    if missing is not None:
+        print(f"\nlinear-memory recurrence vs fla naive chunk: skipped, flash-linear-attention is not "
+              f"importable ({missing}); pip install flash-linear-attention to add it", flush=True)
+        return {"skipped": f"fla not importable: {missing}"}
+    check = check_recurrences_agree(size, min(lengths))
+    tqdm.write(f"recurrence check at T={check['length']}: end states' relative gap {check['relative_gap']:.2e} "
+               f"(tolerance {RECURRENCE_TOLERANCE:.0e}), state moved {check['state_moved']:.2f}")
+    if not check["ok"]:
+        print("linear-memory recurrence vs fla naive chunk: skipped, the two end states do not agree", flush=True)
+        return {"skipped": "end states disagree", "check": check}
+    results: Dict[str, Dict[str, dict]] = {row: {} for row in RECURRENCE_ROWS}
+    tasks = [f"recurrence:{length}:{mode}" for length in lengths for mode in RECURRENCE_MODES]
+    cells = [(row, task) for task in tasks for row in RECURRENCE_ROWS]
+    for row, task in tqdm(cells, desc="recurrence"):
+        cell = {"row": row, "task": task, "size": size, "repeats": args.repeats}
+        results[row][task] = spawn(cell, args.timeout)
+        if "error" in results[row][task]:
+            tqdm.write(f"{row} {task}: {results[row][task]['error']}")
+    table = format_recurrence_table(results, tasks)
+    return {"check": check, "results": results, "table": table}
+
+
+def format_recurrence_table(results: Dict[str, Dict[str, dict]], tasks: List[str]) -> str:
+    def value(row, task, key="tokens_per_s"):
+        cell = results.get(row, {}).get(task, {})
+        return None if "error" in cell else (median(cell.get(key)) if key == "tokens_per_s" else cell.get(key))
+
+    def fmt(x, digits=0):
+        return "-" if x is None else f"{x:,.{digits}f}"
+
+    def gflops(row, task):
+        speed, flops = value(row, task), value(row, task, "flops_per_token")
+        return None if speed is None or not flops else flops * speed / 1e9
+
+    shape = next((c for row in results.values() for c in row.values() if "head_dim" in c), {})
+    lines = [f"linear-memory recurrence: ours vs fla naive chunk (batch 1, {shape.get('heads', '?')} heads x "
+             f"head_dim {shape.get('head_dim', '?')}, chunk {shape.get('chunk', '?')}, float32)", ""]
+    header = ["T", "mode", "ours tok/s", "fla tok/s", "ratio", "ours GFLOP/s", "fla GFLOP/s"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task in tasks:
+        _, length, mode = task.split(":")
+        ours, fla = value("ours", task), value("fla", task)
+        ratio = f"{ours / fla:.2f}x" if ours and fla else "-"
+        lines.append("| " + " | ".join([length, mode, fmt(ours), fmt(fla), ratio, fmt(gflops("ours", task), 1),
+                                         fmt(gflops("fla", task), 1)]) + " |")
+    lines.append("")
+    lines.append("ours: HOPE's `dgd_chunk.ChunkSolve` chunk after chunk (per-token reads + end state); fla: "
+                 "`fla.ops.gated_delta_rule.naive.naive_chunk_gated_delta_rule` on `dgd_fla.gated_delta_inputs` "
+                 "(outputs + final state). ratio = ours tok/s / fla tok/s (above 1: ours is faster). fwd runs "
+                 "under no_grad; fwd+bwd backpropagates sum(outputs) + sum(end state) into every input. "
+                 "GFLOP/s = FlopCounterMode FLOPs per token x tok/s, each side its own count (matrix products "
+                 "only: our triangular solve and fla's forward-substitution loop are not counted).")
+    return "\n".join(lines)
 
 
 class _nothing:
@@ -307,7 +523,7 @@ def add_cell_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per cell, after one warm-up (median reported)")
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--contexts", default=",".join(map(str, DECODE_CONTEXTS)))
-    parser.add_argument("--quick", action="store_true", help="skip the T=8192 training cells")
+    parser.add_argument("--quick", action="store_true", help="skip the T=8192 cells (training; in bench_speed also the recurrence table)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per cell")
     parser.add_argument("--cell", help=argparse.SUPPRESS)
 
@@ -318,15 +534,39 @@ def main(argv=None) -> dict:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-loop prefill cells")
     parser.add_argument("--peer", action="store_true", help="also try PyPI nested-learning==0.2.0")
+    parser.add_argument("--only-recurrence", action="store_true",
+                        help="run only the linear-memory recurrence table (ours vs fla naive chunk), no model rows")
+    parser.add_argument("--no-recurrence", action="store_true", help="skip the linear-memory recurrence table")
+    parser.add_argument("--recurrence-lengths", default=",".join(map(str, RECURRENCE_LENGTHS)),
+                        help="sequence lengths of the recurrence table (--quick keeps those under 8192)")
     parser.add_argument("--out", default="runs/bench_speed")
     args = parser.parse_args(argv)
     if args.cell:
         print(json.dumps(run_cell(json.loads(args.cell))))
         return {}
+    if args.only_recurrence and args.no_recurrence:
+        raise SystemExit("--only-recurrence and --no-recurrence exclude each other")
 
     from tqdm.auto import tqdm
 
     size = parse_size(args.size)
+    lengths = [int(t) for t in args.recurrence_lengths.split(",") if t]
+    if args.quick:
+        lengths = [t for t in lengths if t < 8192] or lengths[:1]
+    out = Path(args.out)
+    if args.only_recurrence:
+        load_before = os.getloadavg()
+        recurrence = run_recurrence(size, lengths, args)
+        print(f"\nsize: {size}, threads: {_threads()}, repeats: {args.repeats}, "
+              f"load average before/after: {load_before[0]:.1f}/{os.getloadavg()[0]:.1f}")
+        if "table" in recurrence:
+            print(recurrence["table"])
+        record = {"size": size, "recurrence": recurrence, "torch_threads": _threads(), "cpu": _cpu_name(),
+                  "load_average": {"before": load_before, "after": os.getloadavg()}}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_recurrence.json").write_text(json.dumps(record, indent=1))
+        print(f"wrote {out / 'bench_recurrence.json'}")
+        return record
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -349,18 +589,25 @@ def main(argv=None) -> dict:
     peer = None
     if args.peer:
         peer = run_peer(results, rows, size, args, contexts)
+    recurrence = None if args.no_recurrence else run_recurrence(size, lengths, args)
     table = format_table(results, rows, contexts)
     print(f"\nsize: {size}, threads: {_threads()}, repeats: {args.repeats}, "
           f"load average before/after: {load_before[0]:.1f}/{os.getloadavg()[0]:.1f}")
     print(table)
-    out = Path(args.out)
+    if recurrence is not None and "table" in recurrence:
+        print()
+        print(recurrence["table"])
     out.mkdir(parents=True, exist_ok=True)
     record = {"size": size, "rows": rows, "contexts": contexts, "results": results, "table": table, "peer": peer,
-              "torch_threads": _threads(), "cpu": _cpu_name(), "load_average": {"before": load_before,
-                                                                                 "after": os.getloadavg()}}
+              "recurrence": recurrence, "torch_threads": _threads(), "cpu": _cpu_name(),
+              "load_average": {"before": load_before, "after": os.getloadavg()}}
     (out / "bench_speed.json").write_text(json.dumps(record, indent=1))
+    written = [out / "bench_speed.json", out / "decode_latency.png"]
+    if recurrence is not None:
+        (out / "bench_recurrence.json").write_text(json.dumps({"size": size, "recurrence": recurrence}, indent=1))
+        written.append(out / "bench_recurrence.json")
     plot(results, rows, contexts, out / "decode_latency.png")
-    print(f"wrote {out / 'bench_speed.json'} and {out / 'decode_latency.png'}")
+    print(f"wrote {', '.join(map(str, written))}")
     return record
 
 
