@@ -84,6 +84,14 @@ class ChunkSolve:
             return initial
         return self.log_gamma_prev.exp()[..., None] * initial + (self.decay * (z @ self.unit.transpose(-1, -2))) @ self.pseudo
 
+    def map(self, fn) -> "ChunkSolve":
+        """The same solve with `fn` applied to each of its tensors (e.g. a piece of its problems)."""
+        view = ChunkSolve.__new__(ChunkSolve)
+        for name in ("weight", "unit", "log_gamma", "log_gamma_prev", "pseudo"):
+            setattr(view, name, fn(getattr(self, name)))
+        view.decay = None if self.decay is None else fn(self.decay)
+        return view
+
     def reads_at(self, z: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """`W_{s-1} z` for single vectors z [..., I] at chunk slots s [...] (long) -> [..., O]."""
         z = z.to(self.weight.dtype)
@@ -159,11 +167,7 @@ class _SolvePart:
         return self._as_solve().reads_at(z, slots)
 
     def _as_solve(self) -> ChunkSolve:
-        view = ChunkSolve.__new__(ChunkSolve)
-        for name in ("weight", "unit", "log_gamma", "log_gamma_prev", "pseudo"):
-            setattr(view, name, self._piece(getattr(self.solve, name)))
-        view.decay = None if self.solve.decay is None else self._piece(self.solve.decay)
-        return view
+        return self.solve.map(self._piece)
 
 
 def _token_reads(solves, z: torch.Tensor, act: str, slots: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -268,12 +272,8 @@ def _pad_token_reads(solves, z: torch.Tensor, samples: torch.Tensor, slots: torc
     problems = samples[:, None] * heads + torch.arange(heads, device=samples.device)  # [P, H]
 
     def pick(solve):
-        view = ChunkSolve.__new__(ChunkSolve)
         base = solve._as_solve() if isinstance(solve, _SolvePart) else solve
-        for name in ("weight", "unit", "log_gamma", "log_gamma_prev", "pseudo"):
-            setattr(view, name, getattr(base, name)[problems])
-        view.decay = None if base.decay is None else base.decay[problems]
-        return view
+        return base.map(lambda t: t[problems])
 
     return _token_reads({w: pick(solve) for w, solve in solves.items()}, z, rule.activation,
                         slots[:, None].expand(-1, heads))
