@@ -438,3 +438,27 @@ def test_token_by_token_decoding_equals_reference(memory_type, memory_read, seed
             steps.append(out.logits)
     real = mask.bool()
     torch.testing.assert_close(torch.cat(steps, dim=1)[real], ref[real], atol=1e-10, rtol=0)
+
+
+def test_compiled_decoding_equals_eager():
+    """`compile_decoding=True` (torch.compile of the single-token step) gives the eager step's logits and
+    states (float32, 1e-5), across a chunk boundary of every memory."""
+    kwargs = dict(chunk_size=2, memory_chunk_size=3, cms_chunk_sizes=[2, None])
+    eager, compiled = tiny_model(seed=4, **kwargs), tiny_model(seed=4, compile_decoding=True, **kwargs)
+    ids = torch.randint(3, 61, (2, 9), generator=torch.Generator().manual_seed(5))
+    caches, logits = {}, {}
+    with torch.no_grad():
+        for name, model in (("eager", eager), ("compiled", compiled)):
+            cache = output_cache(model(ids[:, :3], use_cache=True))
+            steps = []
+            for t in range(3, ids.shape[1]):
+                out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+                cache = output_cache(out)
+                steps.append(out.logits)
+            caches[name], logits[name] = cache, torch.cat(steps, dim=1)
+    torch.testing.assert_close(logits["compiled"], logits["eager"], atol=1e-5, rtol=1e-5)
+    from torch._dynamo.utils import counters
+    assert counters["stats"]["unique_graphs"] > 0  # the step was compiled, not run eagerly
+    a, b = flat_state(caches["eager"]), flat_state(caches["compiled"])
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-5, msg=name)

@@ -118,6 +118,10 @@ class HopeConfig(PretrainedConfig):
         cms_recompute_threshold: Training memory of a CMS level's hand-written backward on aligned
             batches: above this many chunks its fast weights are kept only every ~sqrt(#chunks)
             chunks and recomputed inside a block; results are identical.
+        compile_decoding: Run the single-token (decoding) step of the self-modifying mixer through
+            `torch.compile` (inductor). The first decoding call of a process compiles it (~30 s for
+            the default d=256 model on a CPU core); after that a token costs ~25% less (24.5 -> 18.7
+            ms, d=256, 4 layers, 1 thread). Results equal the eager step within float rounding.
         use_fla_kernels: On CUDA with flash-linear-attention installed, compute a linear memory's
             end-of-chunk state with fla's `chunk_gated_delta_rule` (not where per-token reads need the
             torch solve). `False`: always the torch solve.
@@ -171,6 +175,7 @@ class HopeConfig(PretrainedConfig):
         scan_implementation: str = "chunked",
         scan_recompute_threshold: Optional[int] = 128,
         cms_recompute_threshold: int = 16,
+        compile_decoding: bool = False,
         use_fla_kernels: bool = True,
         fla_dtype: str = "bfloat16",
         rms_norm_eps: float = 1e-6,
@@ -214,6 +219,7 @@ class HopeConfig(PretrainedConfig):
         self.scan_implementation = scan_implementation
         self.scan_recompute_threshold = scan_recompute_threshold
         self.cms_recompute_threshold = cms_recompute_threshold
+        self.compile_decoding = compile_decoding
         self.use_fla_kernels = use_fla_kernels
         self.fla_dtype = fla_dtype
         self.rms_norm_eps = rms_norm_eps
@@ -263,7 +269,7 @@ class HopeConfig(PretrainedConfig):
         for name in ("eta_init", "alpha_init", "cms_alpha_init"):
             _check(self, name, lambda v: _is_float(v) and 0.0 < v < 1.0, "a float in (0, 1)")
         _check(self, "eta_max", lambda v: _is_float(v) and 0.0 < v <= 2.0, "a float in (0, 2]")
-        for name in ("in_context_updates", "use_fla_kernels", "dgd_step_bound"):
+        for name in ("in_context_updates", "use_fla_kernels", "dgd_step_bound", "compile_decoding"):
             _check(self, name, lambda v: isinstance(v, bool), "a bool")
         for name, accepted in CHOICES.items():
             _check(self, name, lambda v, accepted=accepted: v in accepted, f"one of {list(accepted)}")

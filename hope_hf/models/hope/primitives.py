@@ -38,6 +38,7 @@ class MemoryRule:
     recompute_above: Optional[int] = None  # chunked path: recompute the scan in the backward above this many chunks
     use_fla: bool = True  # linear memories on CUDA: fla's gated-delta-rule kernel for the end state, when installed
     fla_dtype: torch.dtype = torch.bfloat16  # the dtype fla's kernel computes in (the state stays float32)
+    compile_decoding: bool = False  # run the single-token step of the self-modifying mixer through torch.compile
 
 
 # --- activations ----------------------------------------------------------------------------------
