@@ -305,6 +305,10 @@ class TitansMixer(HopeMemoryMixer):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.eta_proj = nn.Linear(d, heads)
         self.alpha_proj = nn.Linear(d, heads)
+        # Their biases set the initial rates. `_init_weights` applies these when it initialises each layer
+        # itself: a parent module is initialised before its children, whose default init would reset them.
+        self.eta_proj.bias_init = _logit(config.eta_init)
+        self.alpha_proj.bias_init = _logit(config.alpha_init)
 
     def forward(self, x: torch.Tensor, state: LayerState, mask: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         a, q = self.features(x, state, mask)
@@ -505,9 +509,8 @@ class HopePreTrainedModel(PreTrainedModel):
             init.normal_(module.alpha_readout, std=config.initializer_range)
             init.constant_(module.eta_bias, _logit(config.eta_init))
             init.constant_(module.alpha_bias, _logit(config.alpha_init))
-        elif isinstance(module, TitansMixer):
-            init.constant_(module.eta_proj.bias, _logit(config.eta_init))
-            init.constant_(module.alpha_proj.bias, _logit(config.alpha_init))
+        elif isinstance(module, nn.Linear) and getattr(module, "bias_init", None) is not None:
+            init.constant_(module.bias, module.bias_init)  # TitansMixer's eta / alpha rates
         elif isinstance(module, CMSLevel) and module.chunk_size is not None:
             init.constant_(module.eta_logit, _inverse_softplus(config.cms_eta_init))
             init.constant_(module.alpha_logit, _logit(config.cms_alpha_init))
