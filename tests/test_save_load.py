@@ -52,7 +52,7 @@ def test_remote_code_loads_without_hope_hf(tmp_path):
         print("REMOTE_OK", type(model).__module__)
     """, tmp_path)
     assert "REMOTE_OK" in result.stdout, result.stdout + result.stderr
-    assert (tmp_path / "modeling_hope.py").exists() and all((tmp_path / f).exists() for f in ("dgd_naive.py", "dgd_chunk.py", "cms_naive.py", "cms_chunk.py", "primitives.py", "chunk_grid.py", "cache_hope.py", "hf_compat.py"))
+    assert (tmp_path / "modeling_hope.py").exists() and all((tmp_path / f).exists() for f in ("configuration_hope.py", "dgd_naive.py", "dgd_chunk.py", "dgd_fla.py", "cms_naive.py", "cms_chunk.py", "primitives.py", "chunk_grid.py", "cache_hope.py", "hf_compat.py"))
 
 
 def test_failed_save_leaves_no_checkpoint(tmp_path, monkeypatch):
