@@ -7,7 +7,7 @@ Subcommands (each writes `<suite>.json`, `<suite>.csv` and `<suite>.png` into `-
     python scripts/synthetic.py mqar     # multi-query associative recall at several numbers of key-value pairs
     python scripts/synthetic.py niah     # needle in a haystack of Paul Graham essays, several context lengths
     python scripts/synthetic.py all      # the three, one after the other
-    python scripts/synthetic.py mqar --lrs 1e-3 3e-3 1e-2 --seeds 0 1   # the sweep (issue 12):
+    python scripts/synthetic.py mqar --lrs 1e-3 3e-3 1e-2 --seeds 0 1   # the sweep (issue 12; also formal):
         # every model at every learning rate and seed (same batches per seed), accuracy every
         # --eval-every steps; the best learning rate per model (mean over seeds) is reported with both
         # seeds, at equal steps and at equal training wall-clock, in `<suite>_sweep.{json,csv}` and
@@ -112,13 +112,18 @@ def budget_for(suite: str, args: argparse.Namespace) -> TrainBudget:
 
 
 def sweep(args: argparse.Namespace, config: HopeConfig, max_positions: int, train_set, collate, budget: TrainBudget,
-          evaluate: Callable[[torch.nn.Module], float], task: dict[str, Any], out: Path, stem: str) -> list[dict[str, Any]]:
+          evaluations: dict[str, Callable[[torch.nn.Module], float]], task: dict[str, Any], out: Path,
+          stem: str) -> list[dict[str, Any]]:
     """Every model of `args.models` at every `args.lrs` and `args.seeds` (a seed fixes the init and the batches,
-    so all models see the same batches), `evaluate` every `args.eval_every` steps. Writes one row per run
-    (with its curve: step, training seconds without evaluation, accuracy) and one summary row per model: the
-    best learning rate by mean final accuracy over seeds, both seeds' accuracies, and the accuracy at equal
-    wall-clock (the shortest best-lr run's training time; the last evaluation before it). Returns the summary."""
+    so all models see the same batches). The first entry of `evaluations` (`name: model -> accuracy`) is the
+    metric that picks the learning rate; it is evaluated every `args.eval_every` steps, the others at the end.
+    Writes one row per run (with its curve: step, training seconds without evaluation, first metric) and one
+    summary row per model: the best learning rate by the first metric's mean over seeds, every metric's mean
+    and per-seed values at that rate, and the first metric at equal wall-clock (the shortest best-lr run's
+    training time; the last evaluation before it). Returns the summary."""
     from dataclasses import replace
+
+    primary, evaluate = next(iter(evaluations.items()))
 
     runs = []
     for seed in args.seeds:
@@ -126,7 +131,9 @@ def sweep(args: argparse.Namespace, config: HopeConfig, max_positions: int, trai
             for name, model in hope_and_llama(config, max_positions, seed=seed).items():
                 if name not in args.models:
                     continue
-                curve, clock = [], {"start": time.perf_counter(), "evaluating": 0.0}
+                # step 0 (the untrained model) anchors the curve, so equal wall-clock has a value before step 1
+                curve, clock = [(0, 0.0, round(evaluate(model), 4))], {"start": time.perf_counter(), "evaluating": 0.0}
+                model.train()
 
                 def on_step(step, m, curve=curve, clock=clock):
                     if step % args.eval_every and step != budget.steps:
@@ -143,8 +150,9 @@ def sweep(args: argparse.Namespace, config: HopeConfig, max_positions: int, trai
                 if not curve or curve[-1][0] != summary["steps"]:  # diverged or cut short: evaluate where it stopped
                     curve.append((summary["steps"], round(time.perf_counter() - clock["start"] - clock["evaluating"], 2),
                                   round(evaluate(model), 4)))
+                others = {metric: round(fn(model), 4) for metric, fn in evaluations.items() if metric != primary}
                 row = {**task, "model": name, "lr": lr, "seed": seed, "parameters": count_parameters(model),
-                       "steps": summary["steps"], "train_seconds": curve[-1][1], "accuracy": curve[-1][2],
+                       "steps": summary["steps"], "train_seconds": curve[-1][1], primary: curve[-1][2], **others,
                        "final_train_loss": round(summary["final_train_loss"], 4),
                        "diverged_at_step": summary["diverged_at_step"], "curve": curve}
                 print("  " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "curve"), flush=True)
@@ -153,7 +161,7 @@ def sweep(args: argparse.Namespace, config: HopeConfig, max_positions: int, trai
     best = {}
     for name in args.models:
         mine = [r for r in runs if r["model"] == name]
-        mean = {lr: sum(r["accuracy"] for r in mine if r["lr"] == lr) / len(args.seeds) for lr in args.lrs}
+        mean = {lr: sum(r[primary] for r in mine if r["lr"] == lr) / len(args.seeds) for lr in args.lrs}
         best[name] = max(args.lrs, key=lambda lr: mean[lr])
     chosen = {name: [r for r in runs if r["model"] == name and r["lr"] == best[name]] for name in args.models}
     budget_clock = min(r["train_seconds"] for rows in chosen.values() for r in rows)
@@ -164,12 +172,15 @@ def sweep(args: argparse.Namespace, config: HopeConfig, max_positions: int, trai
 
     summary = []
     for name, rows in chosen.items():
-        accs = [r["accuracy"] for r in rows]
+        per_metric = {}
+        for metric in evaluations:
+            values = [r[metric] for r in rows]
+            per_metric |= {f"{metric}_mean": round(sum(values) / len(values), 4), f"{metric}_seeds": values}
         clocked = [at_clock(r["curve"]) for r in rows]
-        summary.append({**task, "model": name, "best_lr": best[name], "steps": rows[0]["steps"],
-                        "accuracy_mean": round(sum(accs) / len(accs), 4), "accuracy_seeds": accs,
-                        "equal_clock_seconds": budget_clock, "accuracy_at_equal_clock_mean": round(sum(clocked) / len(clocked), 4),
-                        "accuracy_at_equal_clock_seeds": clocked,
+        summary.append({**task, "model": name, "best_lr": best[name], "steps": rows[0]["steps"], **per_metric,
+                        "equal_clock_seconds": budget_clock,
+                        f"{primary}_at_equal_clock_mean": round(sum(clocked) / len(clocked), 4),
+                        f"{primary}_at_equal_clock_seeds": clocked,
                         "train_seconds_mean": round(sum(r["train_seconds"] for r in rows) / len(rows), 1)})
         print("  best: " + ", ".join(f"{k}={v}" for k, v in summary[-1].items()), flush=True)
 
@@ -180,9 +191,9 @@ def sweep(args: argparse.Namespace, config: HopeConfig, max_positions: int, trai
 
     label = " ".join(f"{k}={v}" for k, v in task.items())
     plot_lines(out / f"{stem}_steps.png", {f"{n} (lr {best[n]:g})": mean_curve(rows, 0) for n, rows in chosen.items()},
-               xlabel="training step", ylabel="accuracy (mean over seeds)", title=f"{stem} {label}: accuracy vs step")
+               xlabel="training step", ylabel=f"{primary} (mean over seeds)", title=f"{stem} {label}: accuracy vs step")
     plot_lines(out / f"{stem}_clock.png", {f"{n} (lr {best[n]:g})": mean_curve(rows, 1) for n, rows in chosen.items()},
-               xlabel="training seconds (1 CPU thread, evaluation excluded)", ylabel="accuracy (mean over seeds)",
+               xlabel="training seconds (1 CPU thread, evaluation excluded)", ylabel=f"{primary} (mean over seeds)",
                title=f"{stem} {label}: accuracy vs wall-clock")
     write_table(out, f"{stem}_sweep", summary, {"task": task, "budget": budget, "lrs": args.lrs, "seeds": args.seeds,
                                                  "command": " ".join(sys.argv), "hope_config": config.to_diff_dict()})
@@ -233,11 +244,18 @@ def run_formal(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
         score = functools.partial(evaluate_accuracy, collate=formal_language_collate, accuracy=formal_language_accuracy,
                                   bf16=args.bf16)
         print(f"{language}: train lengths {short_min}-{short_max}, test {long_min}-{long_max}", flush=True)
-        rows += compare(args, config, long_max + 3, train, formal_language_collate, budget,
-                        {"acc_train_lengths": lambda m: score(m, short), "acc_longer": lambda m: score(m, long)},
+        # held-out strings of the training lengths pick a sweep's learning rate; longer strings are the test
+        evaluations = {"acc_train_lengths": lambda m, short=short: score(m, short),
+                       "acc_longer": lambda m, long=long: score(m, long)}
+        if args.lrs:
+            rows += sweep(args, config, long_max + 3, train, formal_language_collate, budget, evaluations,
+                          {"language": language}, out, f"formal_{language}")
+            continue
+        rows += compare(args, config, long_max + 3, train, formal_language_collate, budget, evaluations,
                         {"language": language})
+    key = "acc_longer_mean" if args.lrs else "acc_longer"
     plot_grouped_bars(out / "formal.png", languages,
-                      {m: [r["acc_longer"] for r in rows if r["model"] == m] for m in args.models},
+                      {m: [r[key] for r in rows if r["model"] == m] for m in args.models},
                       ylabel=f"accuracy on lengths {long_min}-{long_max}", reference=0.5,
                       title=f"Formal languages: trained on lengths {short_min}-{short_max}, {budget.steps} steps")
     return rows
@@ -258,7 +276,8 @@ def run_mqar(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
         print(f"MQAR: {pairs} key-value pairs, sequences of {args.mqar_seq_len} tokens", flush=True)
         if args.lrs:
             rows += sweep(args, config, args.mqar_seq_len, train, collate, budget,
-                          lambda m: evaluate_accuracy(m, test, collate, masked_next_token_accuracy, bf16=args.bf16),
+                          {"accuracy": lambda m: evaluate_accuracy(m, test, collate, masked_next_token_accuracy,
+                                                                   bf16=args.bf16)},
                           {"kv_pairs": pairs}, out, f"mqar{pairs}")
             continue
         rows += compare(args, config, args.mqar_seq_len, train, collate, budget,
@@ -319,8 +338,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, list[dict[str, Any]]
     args = parser.parse_args(argv)
     if args.lrs and not args.seeds:
         args.seeds = [args.seed]
-    if args.lrs and args.suite != "mqar":
-        parser.error("--lrs (the sweep) is implemented for the mqar suite")
+    if args.lrs and args.suite not in ("mqar", "formal"):
+        parser.error("--lrs (the sweep) is implemented for the mqar and formal suites")
     try:
         hope_config(args, 16, 0)
     except ValueError as err:
