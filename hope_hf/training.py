@@ -407,6 +407,82 @@ def evaluate_loss(model: nn.Module, dataset: DictTensorDataset, batch_size: int 
     return total / count
 
 
+@torch.no_grad()
+def document_losses(model: nn.Module, ids: torch.Tensor, piece: int = 512, *, bf16: bool = False) -> torch.Tensor:
+    """Per-token losses `[T-1]` of one document `ids` `[T]`. HOPE reads it in `piece`-token calls carrying its
+    `HopeCache` (equal to one call by the streaming contract); other models read it in one call."""
+    from .models.hope.hf_compat import CACHE_NAME, output_cache
+
+    if model.config.model_type != "hope" or ids.numel() <= piece:
+        return token_losses(model, ids[None], bf16=bf16)[0]
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    cache, logits = None, []
+    for start in range(0, ids.numel(), piece):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(input_ids=ids[None, start:start + piece], **{CACHE_NAME: cache}, use_cache=True)
+        cache = output_cache(out)
+        logits.append(out.logits[0].float())
+    return nn.functional.cross_entropy(torch.cat(logits)[:-1], ids[1:], reduction="none")
+
+
+def position_bins(length: int) -> list[tuple[int, int]]:
+    """Log-spaced `[start, end)` bins of positions 1..length-1 (1, 2-3, 4-7, ...)."""
+    bins, start = [], 1
+    while start < length:
+        bins.append((start, min(2 * start, length)))
+        start *= 2
+    return bins
+
+
+@dataclass
+class PositionLosses:
+    """Losses of several documents summed per position: `totals[p - 1]` is the sum of the finite losses of
+    predicting token `p` (`counts` of them; `non_finite` counts the others), `first_non_finite` the first
+    non-finite position of each document that has one."""
+
+    totals: torch.Tensor
+    counts: torch.Tensor
+    non_finite: torch.Tensor
+    first_non_finite: list[int]
+
+    @property
+    def length(self) -> int:
+        """One more than the last position any document reached."""
+        return int(((self.counts + self.non_finite) > 0).sum()) + 1
+
+    def binned(self) -> list[tuple[int, int, float]]:
+        """`(first, last, mean finite loss)` per log-spaced bin (`position_bins`); NaN for a bin without one."""
+        rows = []
+        for a, b in position_bins(self.length):
+            count = self.counts[a - 1:b - 1].sum()
+            rows.append((a, b - 1, float(self.totals[a - 1:b - 1].sum() / count) if count > 0 else math.nan))
+        return rows
+
+
+def loss_by_position(model: nn.Module, documents: Sequence[torch.Tensor], max_length: int, piece: int = 512, *,
+                     bf16: bool = False, progress: Optional[str] = None) -> PositionLosses:
+    """Read each document (`[T]` ids, cut to `max_length`) in one pass (`document_losses`) and sum the
+    losses per position. Non-finite losses are counted apart, not averaged in (a model can diverge on long
+    inputs). `progress`: a tqdm label, or None for no bar."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    totals, counts, bad = (torch.zeros(max_length - 1) for _ in range(3))
+    first_bad: list[int] = []
+    for ids in tqdm(documents, desc=progress, leave=False, disable=progress is None):
+        losses = document_losses(model, ids[:max_length], piece, bf16=bf16).cpu()
+        finite = torch.isfinite(losses)
+        totals[:losses.numel()] += torch.where(finite, losses, 0.0)
+        counts[:losses.numel()] += finite
+        bad[:losses.numel()] += ~finite
+        if not finite.all():
+            first_bad.append(int((~finite).nonzero()[0]) + 1)
+    model.train(was_training)
+    return PositionLosses(totals, counts, bad, first_bad)
+
+
 def perplexity(loss: float) -> float:
     """`exp(loss)`, `inf` on overflow."""
     return math.exp(loss) if loss < 700 else math.inf

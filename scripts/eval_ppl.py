@@ -28,17 +28,15 @@ from typing import Any, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
-from hope_hf.models.hope.hf_compat import CACHE_NAME, output_cache  # noqa: E402
 from hope_hf.experiments import plot_lines, write_table  # noqa: E402
 from hope_hf.training import (  # noqa: E402
     check_vocab,
     evaluate_loss,
     load_causal_lm,
     load_corpus,
+    loss_by_position,
     perplexity,
-    token_losses,
 )
 
 
@@ -55,30 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--piece", type=int, default=512, help="HOPE: tokens per cached forward call")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     return parser
-
-
-@torch.no_grad()
-def document_losses(model, ids: torch.Tensor, piece: int, bf16: bool) -> torch.Tensor:
-    """Per-token losses `[T-1]` of one document `ids` `[T]`. HOPE reads it in `piece`-token calls carrying its
-    `HopeCache` (equal to one call by the streaming contract); other models read it in one call."""
-    if model.config.model_type != "hope" or ids.numel() <= piece:
-        return token_losses(model, ids[None], bf16=bf16)[0]
-    cache, logits = None, []
-    for start in range(0, ids.numel(), piece):
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(input_ids=ids[None, start:start + piece], **{CACHE_NAME: cache}, use_cache=True)
-        cache = output_cache(out)
-        logits.append(out.logits[0].float())
-    return torch.nn.functional.cross_entropy(torch.cat(logits)[:-1], ids[1:], reduction="none")
-
-
-def position_bins(length: int) -> list[tuple[int, int]]:
-    """Log-spaced `[start, end)` bins of positions 1..length-1 (1, 2-3, 4-7, ...)."""
-    bins, start = [], 1
-    while start < length:
-        bins.append((start, min(2 * start, length)))
-        start *= 2
-    return bins
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -108,36 +82,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         loss = evaluate_loss(model, blocks, bf16=args.bf16)
         print(f"{label}: held-out loss {loss:.4f}, perplexity {perplexity(loss):.2f} "
               f"({len(blocks)} blocks of {args.block_size} tokens)")
-        # a model can diverge on long inputs: non-finite losses are counted apart, not averaged in
-        totals, counts, bad = (torch.zeros(args.max_length - 1) for _ in range(3))
-        first_bad: list[int] = []
-        for essay in tqdm(essays, desc=f"{label}: essays", leave=False):
-            ids = torch.as_tensor(tokenizer(essay, add_special_tokens=False)["input_ids"][:args.max_length])
-            losses = document_losses(model, ids, args.piece, args.bf16)
-            finite = torch.isfinite(losses)
-            totals[:losses.numel()] += torch.where(finite, losses, 0.0)
-            counts[:losses.numel()] += finite
-            bad[:losses.numel()] += ~finite
-            if not finite.all():
-                first_bad.append(int((~finite).nonzero()[0]) + 1)
-        length = int(((counts + bad) > 0).sum()) + 1
-        bins = position_bins(length)
-        binned = [float(totals[a - 1:b - 1].sum() / counts[a - 1:b - 1].sum()) if counts[a - 1:b - 1].sum() > 0
-                  else math.nan for a, b in bins]
-        for (a, b), value in zip(bins, binned):
-            rows.append({"model": label, "path": path, "positions": f"{a}-{b - 1}", "position_start": a,
-                         "position_end": b - 1, "mean_loss": round(value, 4),
-                         "tokens": int(counts[a - 1:b - 1].sum()), "non_finite_tokens": int(bad[a - 1:b - 1].sum())})
+        documents = [torch.as_tensor(tokenizer(essay, add_special_tokens=False)["input_ids"]) for essay in essays]
+        positions = loss_by_position(model, documents, args.max_length, args.piece, bf16=args.bf16,
+                                     progress=f"{label}: essays")
+        counts, bad, first_bad = positions.counts, positions.non_finite, positions.first_non_finite
+        binned = positions.binned()
+        for a, b, value in binned:
+            rows.append({"model": label, "path": path, "positions": f"{a}-{b}", "position_start": a,
+                         "position_end": b, "mean_loss": round(value, 4),
+                         "tokens": int(counts[a - 1:b].sum()), "non_finite_tokens": int(bad[a - 1:b].sum())})
         if first_bad:
             print(f"  {label}: non-finite losses in {len(first_bad)}/{len(essays)} essays, first at position "
                   f"{min(first_bad)}")
             label += f", non-finite from position {min(first_bad)} in {len(first_bad)}/{len(essays)} essays"
-        curves[label] = ([math.sqrt(a * max(a, b - 1)) for a, b in bins], binned)
+        curves[label] = ([math.sqrt(a * b) for a, b, _ in binned], [value for _, _, value in binned])
         summary[path] = {"label": label, "held_out_loss": loss, "held_out_perplexity": perplexity(loss),
                          "max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
                          "documents": len(essays), "first_non_finite_position": min(first_bad, default=None),
                          "documents_with_non_finite_loss": len(first_bad),
-                         "loss_by_position": (totals / counts.clamp(min=1))[:length - 1].tolist()}
+                         "loss_by_position": (positions.totals / counts.clamp(min=1))[:positions.length - 1].tolist()}
         print("  loss by position: " + ", ".join(f"{r['positions']}: {r['mean_loss']:.3f}"
                                                   for r in rows if r["path"] == path))
     out = Path(args.out)

@@ -6,7 +6,8 @@ Subcommands (each writes `<suite>.json`, `<suite>.csv` and `<suite>.png` into `-
     python scripts/synthetic.py formal   # formal-language recognition: train on short strings, test on longer
     python scripts/synthetic.py mqar     # multi-query associative recall at several numbers of key-value pairs
     python scripts/synthetic.py niah     # needle in a haystack of Paul Graham essays, several context lengths
-    python scripts/synthetic.py all      # the three, one after the other
+    python scripts/synthetic.py position # language modelling on the essays: loss against token position
+    python scripts/synthetic.py all      # the four, one after the other
     python scripts/synthetic.py mqar --lrs 1e-3 3e-3 1e-2 --seeds 0 1   # the sweep (issue 12; also formal):
         # every model at every learning rate and seed (same batches per seed), accuracy every
         # --eval-every steps; the best learning rate per model (mean over seeds) is reported with both
@@ -22,6 +23,11 @@ flags (`--hidden_size`, `--chunk_size`, `--cms_chunk_sizes`, ...; defaults below
   balanced member / near-miss examples; accuracy of the yes/no token on held-out strings of the training
   lengths and on longer strings. The paper reports HOPE 100% on all seven, a Transformer 46% on parity.
 * mqar: key-value pairs then queries (Zoology layout); accuracy over all answer tokens.
+* position: trained on `--block-size`-token blocks of Paul Graham essays (BPE trained on the training
+  essays), then the mean next-token loss in log-spaced position bins over the longest held-out essays,
+  read up to `--eval-length` tokens. A model that uses its context has a loss that falls with position;
+  `fall_within` = loss at positions 16-31 minus 128-255 (inside the training length), `fall_beyond` =
+  loss at 128-255 minus 512-1023 (past it).
 * niah: trained on needle prompts with haystacks of `--train-context` tokens, tested at each
   `--test-contexts` length and `--depths`; a hit is greedy decoding writing the whole number
   (teacher-forced arg-max on every answer token).
@@ -53,14 +59,14 @@ from hope_hf.experiments import (  # noqa: E402
 )
 from hope_hf.training import add_config_arguments, config_overrides, count_parameters  # noqa: E402
 
-SUITES = ("formal", "mqar", "niah")
+SUITES = ("formal", "mqar", "niah", "position")
 #: HOPE's defaults for the synthetic suites (override with the HopeConfig flags).
 #: (Since issue 12 the main memory is read at the per-token state, so the model's default chunk sizes
 #: 16/64 recall on short prompts; before, the suites used 8/8 so that a 64-token prompt could read anything.)
 HOPE_DEFAULTS = dict(hidden_size=64, num_hidden_layers=2, num_heads=4, cms_chunk_sizes=[8, None])
 #: Per-suite default budgets (override with --steps / --batch-size / --lr).
 SUITE_BUDGETS = {"formal": dict(steps=300, batch_size=32, lr=3e-3), "mqar": dict(steps=300, batch_size=32, lr=3e-3),
-                 "niah": dict(steps=300, batch_size=16, lr=3e-3)}
+                 "niah": dict(steps=300, batch_size=16, lr=3e-3), "position": dict(steps=300, batch_size=16, lr=3e-3)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     niah.add_argument("--niah-train", type=int, default=2000, help="training prompts")
     niah.add_argument("--niah-per-cell", type=int, default=4, help="test prompts per (context, depth)")
     niah.add_argument("--niah-vocab", type=int, default=2048, help="BPE vocabulary trained on the essays")
+    position = parser.add_argument_group("position")
+    position.add_argument("--block-size", type=int, default=256, help="tokens per training block")
+    position.add_argument("--eval-length", type=int, default=1024, help="tokens read of each held-out essay")
+    position.add_argument("--eval-documents", type=int, default=16, help="held-out essays (the longest)")
+    position.add_argument("--essay-vocab", type=int, default=2048, help="BPE vocabulary trained on the essays")
     config_names = add_config_arguments(parser)
     parser.set_defaults(config_names=config_names, **HOPE_DEFAULTS)
     return parser
@@ -216,7 +227,10 @@ def compare(args: argparse.Namespace, config: HopeConfig, max_positions: int, tr
         row = {**task, "model": name, "parameters": count_parameters(model), "steps": summary["steps"],
                "seconds": summary["seconds"], "final_train_loss": round(summary["final_train_loss"], 4),
                "diverged_at_step": summary["diverged_at_step"]}
-        row.update({metric: round(evaluate(model), 4) for metric, evaluate in evaluations.items()})
+        for metric, evaluate in evaluations.items():
+            value = evaluate(model)  # a number, or a mapping of several (`{metric}_{key}` columns)
+            row.update({f"{metric}_{k}": round(v, 4) for k, v in value.items()} if isinstance(value, dict)
+                       else {metric: round(value, 4)})
         print("  " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
         rows.append(row)
     return rows
@@ -330,7 +344,37 @@ def run_niah(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     return rows
 
 
-RUNNERS = {"formal": run_formal, "mqar": run_mqar, "niah": run_niah}
+def run_position(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
+    from hope_hf.data import load_paul_graham_essays, pad_collate, split_text, tokenize_and_chunk, train_bpe_tokenizer
+    from hope_hf.training import loss_by_position
+
+    budget = budget_for("position", args)
+    train_essays, test_essays = split_text(load_paul_graham_essays(), val_fraction=0.2, seed=args.seed)
+    tokenizer = train_bpe_tokenizer(train_essays, vocab_size=args.essay_vocab)
+    train = tokenize_and_chunk(train_essays, tokenizer, args.block_size)
+    documents = [torch.as_tensor(tokenizer(essay, add_special_tokens=False)["input_ids"])
+                 for essay in sorted(test_essays, key=len, reverse=True)[:args.eval_documents]]
+    print(f"position: {len(train)} training blocks of {args.block_size} tokens; {len(documents)} held-out essays "
+          f"read up to {args.eval_length} tokens", flush=True)
+    collate = functools.partial(pad_collate, pad_token_id=tokenizer.pad_token_id)
+    config = hope_config(args, len(tokenizer), tokenizer.pad_token_id)
+
+    def by_position(model) -> dict[str, float]:
+        binned = {f"{a}-{b}": value for a, b, value in loss_by_position(model, documents, args.eval_length).binned()}
+        falls = {"fall_within": ("16-31", "128-255"), "fall_beyond": ("128-255", "512-1023")}
+        return {**{name: binned[a] - binned[b] for name, (a, b) in falls.items() if a in binned and b in binned},
+                **binned}
+
+    rows = compare(args, config, args.eval_length, train, collate, budget, {"loss": by_position}, {"task": "position"})
+    bins = [key[len("loss_"):] for key in rows[0] if key.startswith("loss_") and "-" in key]
+    centres = [(int(a) * int(b)) ** 0.5 for a, b in (key.split("-") for key in bins)]
+    plot_lines(out / "position.png", {r["model"]: (centres, [r[f"loss_{key}"] for key in bins]) for r in rows},
+               xlabel="token position (log-spaced bins)", ylabel="mean next-token loss", logx=True,
+               title=f"Held-out essays: loss vs position, trained on {args.block_size}-token blocks, {budget.steps} steps")
+    return rows
+
+
+RUNNERS = {"formal": run_formal, "mqar": run_mqar, "niah": run_niah, "position": run_position}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, list[dict[str, Any]]]:

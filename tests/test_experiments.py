@@ -147,8 +147,13 @@ def test_synthetic_suites_write_tables_and_plots(tmp_path):
                            "--train-lengths", "1", "6", "--test-lengths", "7", "12", "--kv-pairs", "2",
                            "--mqar-seq-len", "16", "--mqar-vocab", "16", "--mqar-train", "20",
                            "--niah-train", "4", "--train-context", "48", "64", "--test-contexts", "64", "96",
-                           "--depths", "0.5", "--niah-per-cell", "2", "--niah-vocab", "300", *TINY_HOPE_FLAGS])
+                           "--depths", "0.5", "--niah-per-cell", "2", "--niah-vocab", "300", "--block-size", "32",
+                           "--eval-length", "64", "--eval-documents", "2", "--essay-vocab", "300", *TINY_HOPE_FLAGS])
     assert [r["language"] for r in results["formal"]] == ["parity", "parity", "anbncn", "anbncn"]
+    for row in results["position"]:  # 2 essays read to 64 tokens: bins 1-1 ... 32-63, each a finite mean loss
+        bins = [k for k in row if k.startswith("loss_") and "-" in k]
+        assert bins == ["loss_1-1", "loss_2-3", "loss_4-7", "loss_8-15", "loss_16-31", "loss_32-63"], bins
+        assert all(0 < row[k] < 20 for k in bins) and "loss_fall_within" not in row  # needs position 128
     for suite, rows in results.items():
         assert [r["model"] for r in rows][:2] == ["HOPE", "Llama"] and all(r["steps"] == 2 for r in rows)
         for stem in (f"{suite}.json", f"{suite}.csv", f"{suite}.png"):
@@ -168,10 +173,11 @@ def test_eval_ppl_streams_long_documents_exactly(tmp_path, monkeypatch):
     from hope_hf import HopeForCausalLM
     from hope_hf.data import train_bpe_tokenizer
     from hope_hf.hub import save_checkpoint
-    from hope_hf.training import token_losses
+    from hope_hf import training
+    from hope_hf.training import document_losses, position_bins, token_losses
 
     script = load_script("eval_ppl")
-    assert script.position_bins(10) == [(1, 2), (2, 4), (4, 8), (8, 10)]
+    assert position_bins(10) == [(1, 2), (2, 4), (4, 8), (8, 10)]
     tokenizer = train_bpe_tokenizer(["To be, or not to be, that is the question. " * 50], vocab_size=300)
     torch.manual_seed(0)
     hope = HopeForCausalLM(tiny_config(vocab_size=len(tokenizer))).eval()
@@ -181,7 +187,7 @@ def test_eval_ppl_streams_long_documents_exactly(tmp_path, monkeypatch):
     save_checkpoint(llama, tokenizer, tmp_path / "llama", remote_code=False)
 
     ids = torch.randint(0, len(tokenizer), (70,), generator=torch.Generator().manual_seed(1))
-    streamed = script.document_losses(hope, ids, piece=16, bf16=False)  # 5 cached calls
+    streamed = document_losses(hope, ids, piece=16)  # 5 cached calls
     torch.testing.assert_close(streamed, token_losses(hope, ids[None])[0], rtol=1e-4, atol=1e-5)
 
     result = script.main(["--model", str(tmp_path / "hope"), str(tmp_path / "llama"), "--out", str(tmp_path / "eval"),
@@ -194,14 +200,12 @@ def test_eval_ppl_streams_long_documents_exactly(tmp_path, monkeypatch):
         assert (tmp_path / "eval" / name).stat().st_size > 0
 
     # a model that diverges on long inputs: non-finite losses are counted apart and reported
-    original = script.document_losses
-
     def diverging(model, ids, piece, bf16):
-        losses = original(model, ids, piece, bf16)
+        losses = document_losses(model, ids, piece, bf16=bf16)
         losses[40:] = float("nan")
         return losses
 
-    monkeypatch.setattr(script, "document_losses", diverging)
+    monkeypatch.setattr(training, "document_losses", diverging)
     result = script.main(["--model", str(tmp_path / "hope"), "--out", str(tmp_path / "eval2"), "--num_documents", "2",
                           "--max_length", "64", "--max_blocks", "2", "--block_size", "32"])
     summary = next(iter(result["models"].values()))
@@ -222,11 +226,32 @@ def test_synthetic_mqar_sweep_reports_best_lr_both_seeds_and_equal_clock(tmp_pat
     summary = results["mqar"]
     assert [r["model"] for r in summary] == ["HOPE", "Llama"]
     runs = json.loads((tmp_path / "mqar2_runs.json").read_text())["rows"]
-    assert len(runs) == 2 * 2 * 2 and all([step for step, _, _ in r["curve"]] == [2, 4] for r in runs)
+    assert len(runs) == 2 * 2 * 2 and all([step for step, _, _ in r["curve"]] == [0, 2, 4] for r in runs)
     for row in summary:
         mine = [r for r in runs if r["model"] == row["model"] and r["lr"] == row["best_lr"]]
         assert row["accuracy_seeds"] == [r["accuracy"] for r in mine]
         assert row["equal_clock_seconds"] == min(r["train_seconds"] for s in summary for r in runs
                                                  if r["model"] == s["model"] and r["lr"] == s["best_lr"])
     for stem in ("mqar2_sweep.json", "mqar2_sweep.csv", "mqar2_steps.png", "mqar2_clock.png", "mqar.png"):
+        assert (tmp_path / stem).stat().st_size > 0, stem
+
+
+def test_synthetic_formal_sweep_picks_the_lr_on_training_lengths(tmp_path):
+    """The formal sweep: held-out strings of the training lengths pick the learning rate (the longer strings
+    are the test); the summary reports both metrics at that rate, per seed, and curves start at step 0."""
+    script = load_script("synthetic")
+    results = script.main(["formal", "--out", str(tmp_path), "--steps", "2", "--batch-size", "4", "--languages",
+                           "parity", "--num-train", "20", "--num-test", "10", "--train-lengths", "1", "6",
+                           "--test-lengths", "7", "12", "--lrs", "1e-3", "1e-2", "--seeds", "0", "1",
+                           "--eval-every", "1", *TINY_HOPE_FLAGS])
+    runs = json.loads((tmp_path / "formal_parity_runs.json").read_text())["rows"]
+    assert len(runs) == 2 * 2 * 2 and all([step for step, _, _ in r["curve"]] == [0, 1, 2] for r in runs)
+    for row in results["formal"]:
+        mine = [r for r in runs if r["model"] == row["model"]]
+        means = {lr: sum(r["acc_train_lengths"] for r in mine if r["lr"] == lr) / 2 for lr in (1e-3, 1e-2)}
+        assert means[row["best_lr"]] == max(means.values())
+        chosen = [r for r in mine if r["lr"] == row["best_lr"]]
+        assert row["acc_train_lengths_seeds"] == [r["acc_train_lengths"] for r in chosen]
+        assert row["acc_longer_seeds"] == [r["acc_longer"] for r in chosen]
+    for stem in ("formal_parity_sweep.csv", "formal_parity_steps.png", "formal_parity_clock.png", "formal.png"):
         assert (tmp_path / stem).stat().st_size > 0, stem
