@@ -88,7 +88,6 @@ def matched_cms_width(size: Dict[str, int]) -> int:
     from hope_hf import HopeConfig, HopeForCausalLM
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     def count(model) -> int:
         return sum(p.numel() for p in model.parameters())

@@ -648,7 +648,7 @@ SHORT = {"average_accuracy": "average", "final_accuracy": "final", "forgetting":
 def markdown_table(settings: dict, results: List[dict]) -> str:
     """The results as a Markdown table: mean [95% interval], a win in bold."""
     level = round(100 * results[0]["confidence"]) if results else 95
-    lines = [f"| dataset | method | seeds | average | final | forgetting | s / seed |", "|---" * 7 + "|"]
+    lines = ["| dataset | method | seeds | average | final | forgetting | s / seed |", "|---" * 7 + "|"]
     for k, r in enumerate(results):
         cells = []
         for metric in METRICS:

@@ -20,7 +20,6 @@ card are saved in `--output_dir` (loads with `trust_remote_code=True` without ho
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
