@@ -125,14 +125,15 @@ def _largest_over_stream(model, ids, piece: int):
 
 
 @pytest.mark.parametrize("eta_max", [1.0, 1.9])
-@pytest.mark.parametrize("mixer", ["self_modifying", "titans"])
+@pytest.mark.parametrize("mixer", ["self_modifying", "titans", "titans-linear"])
 def test_trained_like_memories_stay_bounded_over_4096_tokens(monkeypatch, eta_max, mixer):
     """Trained-like weights, eta at eta_max, 4096 tokens: no memory state ever grows beyond 1.5x the
     largest initial weight, logits stay bounded. Without the bound (factor forced to 1) the same
     self-modifying model's states reach ~1e7 within 64 tokens (and then collapse to 0 once the
     alpha memory resets them; results/diagnostics/step_bound_stability.py)."""
     ids = torch.randint(3, 61, (1, 4096), generator=torch.Generator().manual_seed(2))
-    model = trained_like(0, eta_max, mixer=mixer)
+    mixer, _, memory_type = mixer.partition("-")
+    model = trained_like(0, eta_max, mixer=mixer, memory_type=memory_type or "deep")
     initial = max(float(p.detach().abs().max()) for n, p in model.named_parameters() if ".memories." in n)
     state, logit = _largest_over_stream(model, ids, 512)
     assert state <= 1.5 * initial and logit < 10.0, (state, initial, logit)
@@ -140,6 +141,24 @@ def test_trained_like_memories_stay_bounded_over_4096_tokens(monkeypatch, eta_ma
         unbounded = trained_like(0, eta_max, mixer=mixer, dgd_step_bound=False)  # the same weights
         state, _ = _largest_over_stream(unbounded, ids[:, :256], 16)
         assert state > 100 * initial  # the bound is what keeps it
+
+
+@pytest.mark.parametrize("eta_max", [
+    1.9,
+    pytest.param(1.0, marks=pytest.mark.xfail(strict=True, reason=(
+        "known, open (issue 12): with linear memories the self-modifying main memory grows from 3.1 to 347 over "
+        "4096 tokens at eta_max 1 (logits stay < 10); the per-token reference grows the same way, and the same "
+        "weights stay bounded with memory_chunk_size 16 or 1. Likely cause: the gradient term is taken at the "
+        "chunk-start state, so over a 64-token chunk its erase adds up to sum_s eta_s k_s k_s^T, which the "
+        "per-token bound does not see (docs/design.md §8.20)"))),
+])
+def test_trained_like_self_modifying_linear_memories_stay_bounded(eta_max):
+    """The test above for the self-modifying mixer with linear memories (titans-linear passes it there)."""
+    ids = torch.randint(3, 61, (1, 4096), generator=torch.Generator().manual_seed(2))
+    model = trained_like(0, eta_max, mixer="self_modifying", memory_type="linear")
+    initial = max(float(p.detach().abs().max()) for n, p in model.named_parameters() if ".memories." in n)
+    state, logit = _largest_over_stream(model, ids, 512)
+    assert state <= 1.5 * initial and logit < 10.0, (state, initial, logit)
 
 
 @pytest.mark.parametrize("memory_read", ["token", "chunk"])
