@@ -151,7 +151,7 @@ def test_trained_like_memories_stay_bounded_over_4096_tokens(monkeypatch, eta_ma
         "weights stay bounded with memory_chunk_size 16 or 1. Likely cause: the gradient term is taken at the "
         "chunk-start state; with the self-generated target M(v^) it is W_start (v^_s - k_s) k_s^T (normalised), "
         "and over a 64-token chunk these non-symmetric terms add up, which the per-token bound does not see "
-        "(titans' plain target passes; docs/design.md §8.20)"))),
+        "(titans' plain target passes; taken at the current state, they stay bounded: docs/design.md §8.20)"))),
 ])
 def test_trained_like_self_modifying_linear_memories_stay_bounded(eta_max):
     """The test above for the self-modifying mixer with linear memories (titans-linear passes it there)."""
