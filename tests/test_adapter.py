@@ -352,6 +352,36 @@ def test_adapter_save_load_reapply_and_atomic_save(tmp_path, monkeypatch):
         load_hope_adapter(tiny_llama(seed=15), folder)
 
 
+def test_v2_adapter_keeps_the_chunk_start_gradient_of_linear_memories(tmp_path):
+    """An adapter saved as hope-adapter-v2 (before `HopeConfig.linear_gradient`) computed its linear
+    memories' gradients at the chunk-start state: loading gives it `linear_gradient="chunk"`, what it
+    computed with, while a v3 save keeps today's default; the two differ in their logits."""
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_llama(seed=21)
+    fresh = copy.deepcopy(base.state_dict())
+    model = apply_hope_adapter(base, adapter_config(memory_type="linear", self_modifying=True))
+    perturb_adapter(model, seed=22)
+    save_hope_adapter(model, tmp_path / "v3")
+    old = tmp_path / "v2"
+    old.mkdir()
+    text = (tmp_path / "v3" / ADAPTER_CONFIG_NAME).read_text().strip().replace("hope-adapter-v3", "hope-adapter-v2")
+    (old / ADAPTER_CONFIG_NAME).write_text(text + "\n")
+    save_file(load_file(str(tmp_path / "v3" / ADAPTER_WEIGHTS_NAME)), str(old / ADAPTER_WEIGHTS_NAME),
+              metadata={"format": "hope-adapter-v2", "config": text})
+    ids = random_ids(23, 2, 40)
+    logits = {}
+    for name in ("v2", "v3"):
+        llama = tiny_llama(seed=21)
+        llama.load_state_dict(fresh)
+        loaded = load_hope_adapter(llama, tmp_path / name)
+        assert loaded.hope_adapter_config.hope_kwargs.get("linear_gradient", "token") == (
+            "chunk" if name == "v2" else "token")
+        with torch.no_grad():
+            logits[name] = loaded(ids).logits
+    assert not torch.allclose(logits["v2"], logits["v3"], atol=1e-6)
+
+
 def test_adapter_refuses_another_base(tmp_path):
     save_hope_adapter(adapted(seed=19), tmp_path)
     torch.manual_seed(0)

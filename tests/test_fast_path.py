@@ -39,6 +39,7 @@ def random_config(draw_seed: int, **overrides):
         cms_variant=pick(["sequential", "independent"]),
         memory_hidden_size=pick([None, 5]),
         memory_read=pick(["token", "chunk"]),
+        linear_gradient=pick(["token", "chunk"]),
     )
     kwargs.update(overrides)
     return kwargs
@@ -122,6 +123,8 @@ def test_token_reads_see_the_last_write():
 def test_fast_gradients_equal_reference(seed, memory_read):
     """The outer gradient through every in-context update: same for both paths (float64)."""
     overrides = random_config(100 + seed, memory_read=memory_read)
+    if memory_read == "token":  # and a linear memory's gradient at the current state, self-generated targets
+        overrides.update(mixer="self_modifying", memory_type="linear", linear_gradient="token")
     grads = {}
     for name in ("chunked", "reference"):
         model = tiny_model(seed=seed, dtype=torch.float64, **overrides).train()
@@ -197,6 +200,46 @@ def test_dgd_terms_reproduce_dgd_step(memory_type):
         torch.testing.assert_close(stepped[name], expected[name], atol=1e-12, rtol=0)
         got = dgd_chunk(current[name], unit, write, eta.unsqueeze(-1), alpha.log().unsqueeze(-1))
         torch.testing.assert_close(got, expected[name], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("self_generated", [False, True])
+@pytest.mark.parametrize("bounded", [False, True])
+def test_linear_dgd_terms_are_the_step_at_the_current_state(self_generated, bounded):
+    """`linear_dgd_terms` splits a linear memory's DGD step with its gradient (and a self-generated target
+    W v^) at the current state W into `W (alpha I + eta a u~^T) + eta r u~^T`: equal to `dgd_step` fed by
+    `dgd_terms` at that state, and to the chunk solve of one token and of a 7-token chunk against the
+    per-token loop (float64, random keys of any norm, eta up to 2)."""
+    from hope_hf.models.hope.dgd_chunk import ChunkSolve
+    from hope_hf.models.hope.primitives import linear_dgd_terms
+
+    gen = torch.Generator().manual_seed(11 + 2 * self_generated + bounded)
+    B, H, D, C = 2, 3, 4, 7
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=gen)  # noqa: E731
+    weight = r(B, H, D, D)
+    key = r(B, H, C, D) * (0.2 + 2 * torch.rand(B, H, C, 1, dtype=torch.float64, generator=gen))
+    value = r(B, H, C, D)
+    target_key = l2norm(value, 1e-6) if self_generated else None
+    eta = 2 * torch.rand(B, H, C, dtype=torch.float64, generator=gen)
+    alpha = torch.rand(B, H, C, dtype=torch.float64, generator=gen)
+    unit, erase, write = linear_dgd_terms(key, None if self_generated else value, target_key, 1e-6,
+                                          eta if bounded else None)
+    state, states = weight, []
+    for t in range(C):  # the definition: dgd_terms at the current state, one token at a time
+        target = (state @ target_key[..., t, :, None]).squeeze(-1) if self_generated else value[..., t, :]
+        terms = dgd_terms({"W": state}, key[..., t:t + 1, :], target.unsqueeze(-2), "silu", 1e-6,
+                          None if target_key is None else target_key[..., t:t + 1, :],
+                          eta[..., t:t + 1] if bounded else None)
+        state = dgd_step({"W": state}, {"W": (terms["W"][0][..., 0, :], terms["W"][1][..., 0, :])},
+                         eta[..., t], alpha[..., t])["W"]
+        states.append(state)
+    one = ChunkSolve(weight, unit[..., :1, :], write[..., :1, :], eta[..., :1], alpha[..., :1].log(),
+                     erase_per_eta=erase[..., :1, :])
+    torch.testing.assert_close(one.end(), states[0], atol=1e-12, rtol=0)
+    whole = ChunkSolve(weight, unit, write, eta, alpha.log(), erase_per_eta=erase)
+    torch.testing.assert_close(whole.end(), states[-1], atol=1e-10, rtol=0)
+    z = r(B, H, C, D)  # the per-token reads W_{t-1} z_t
+    before = torch.stack([weight] + states[:-1], dim=-3)  # [B, H, C, D, D]
+    torch.testing.assert_close(whole.reads(z), (before @ z.unsqueeze(-1)).squeeze(-1), atol=1e-10, rtol=0)
 
 
 def test_chunk_grid_aligns_samples():

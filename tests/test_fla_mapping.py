@@ -54,7 +54,8 @@ def test_fla_kernel_equals_torch_chunk():
 
 @cuda
 def test_linear_memory_model_on_cuda_matches_cpu():
-    model = tiny_model(seed=4, mixer="titans", memory_type="linear")
+    # chunk-start reads and gradients: the settings under which the end states go through fla's kernel
+    model = tiny_model(seed=4, mixer="titans", memory_type="linear", memory_read="chunk", linear_gradient="chunk")
     ids = torch.randint(3, 61, (2, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         cpu = model(ids).logits

@@ -57,10 +57,11 @@ from ..models.hope.modeling_hope import (
 
 ADAPTER_CONFIG_NAME = "hope_adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "hope_adapter.safetensors"
-_FORMAT = "hope-adapter-v2"
-# v1 was written before `HopeConfig.memory_read` existed: its modules computed with the values of
-# `LEGACY_DEFAULTS`, which loading puts into its `hope_kwargs`.
-_LEGACY_FORMAT = "hope-adapter-v1"
+_FORMAT = "hope-adapter-v3"
+# What older formats' modules computed with, for the HopeConfig fields that did not exist when they were
+# written; loading puts these values under the saved `hope_kwargs`. v1 was written before
+# `HopeConfig.memory_read` (`LEGACY_DEFAULTS`), v2 before `HopeConfig.linear_gradient`.
+_LEGACY_FORMATS = {"hope-adapter-v1": LEGACY_DEFAULTS, "hope-adapter-v2": {"linear_gradient": "chunk"}}
 
 # HopeConfig fields that the adapter sets itself (from the base model or its own fields): they
 # may not appear in `HopeAdapterConfig.hope_kwargs`.
@@ -663,11 +664,11 @@ def load_hope_adapter(model: LlamaForCausalLM, directory: Union[str, os.PathLike
     with open(config_path) as f:
         text = f.read().strip()
     payload = json.loads(text)
-    if payload.get("format") not in (_FORMAT, _LEGACY_FORMAT):
+    if payload.get("format") != _FORMAT and payload.get("format") not in _LEGACY_FORMATS:
         raise ValueError(f"{config_path} is not a HOPE adapter config (format={payload.get('format')!r})")
     adapter_config = dict(payload["adapter_config"])
-    if payload["format"] == _LEGACY_FORMAT:
-        adapter_config["hope_kwargs"] = {**LEGACY_DEFAULTS, **adapter_config.get("hope_kwargs", {})}
+    if payload["format"] in _LEGACY_FORMATS:
+        adapter_config["hope_kwargs"] = {**_LEGACY_FORMATS[payload["format"]], **adapter_config.get("hope_kwargs", {})}
     if isinstance(model, nn.Module) and hasattr(model, "config"):
         expected = base_signature(model.config)
         if payload["base_signature"] != expected:

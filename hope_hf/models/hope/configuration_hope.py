@@ -18,11 +18,13 @@ ACTIVATIONS = ("silu", "gelu", "tanh")
 SELF_MODIFYING_MEMORIES = ("k", "v", "eta", "alpha", "mem")
 SCAN_IMPLEMENTATIONS = ("chunked", "reference")
 MEMORY_READS = ("token", "chunk")
+LINEAR_GRADIENTS = ("token", "chunk")
 FLA_DTYPES = ("bfloat16", "float16", "float32")
 # The fields that take one of a fixed set of strings.
 CHOICES = {
     "mixer": MIXERS, "memory_type": MEMORY_TYPES, "memory_activation": ACTIVATIONS, "cms_variant": CMS_VARIANTS,
     "scan_implementation": SCAN_IMPLEMENTATIONS, "memory_read": MEMORY_READS, "fla_dtype": FLA_DTYPES,
+    "linear_gradient": LINEAR_GRADIENTS,
 }
 
 
@@ -30,7 +32,7 @@ CHOICES = {
 # just how it is initialised), with the value 0.1.0 computed with. A saved config that lacks one
 # (`HopeConfig.from_dict`), or a v1 adapter's `hope_kwargs`, gets that value, so a checkpoint keeps
 # computing what it computed when it was saved.
-LEGACY_DEFAULTS = {"memory_read": "chunk", "eta_max": 0.5, "dgd_step_bound": False}
+LEGACY_DEFAULTS = {"memory_read": "chunk", "eta_max": 0.5, "dgd_step_bound": False, "linear_gradient": "chunk"}
 
 
 def _is_positive_int(value) -> bool:
@@ -81,6 +83,12 @@ class HopeConfig(PretrainedConfig):
             `"chunk"` the state at the start of the token's chunk (paper Eq. 90: nothing written
             in a chunk is visible before it ends). Default `"token"`: with `"chunk"` a prompt shorter
             than `memory_chunk_size` cannot recall through `M_mem` (docs/design.md §8.6).
+        linear_gradient: Where a linear memory takes its inner gradient (and a self-generated target):
+            `"token"` at the current state `W_{t-1}` (the per-token DGD of paper Eq. 88, exact in the
+            chunked path as one triangular solve), or `"chunk"` at the chunk-start state, as deep memories
+            do (the Titans approximation). Default `"token"`: with `"chunk"` the self-modifying mixer's
+            linear memories can grow without bound over a long chunk (docs/design.md §8.20); checkpoints
+            saved before this field existed compute with `"chunk"`. Deep memories ignore it.
         eta_max: Upper bound of the per-token inner learning rate `eta_t = eta_max * sigmoid(.)`, in
             (0, 2]. Above 1 the DGD transition `alpha I - eta u~ u~^T` gets eigenvalues below 0 along
             the key (state tracking, Grazzi et al. 2024); `primitives.step_bound` keeps the step
@@ -123,8 +131,8 @@ class HopeConfig(PretrainedConfig):
             the default d=256 model on a CPU core); after that a token costs ~25% less (24.5 -> 18.7
             ms, d=256, 4 layers, 1 thread). Results equal the eager step within float rounding.
         use_fla_kernels: On CUDA with flash-linear-attention installed, compute a linear memory's
-            end-of-chunk state with fla's `chunk_gated_delta_rule` (not where per-token reads need the
-            torch solve). `False`: always the torch solve.
+            end-of-chunk state with fla's `chunk_gated_delta_rule` (with `linear_gradient="chunk"` only,
+            and not where per-token reads need the torch solve). `False`: always the torch solve.
         fla_dtype: The dtype fla's kernel computes in (`"bfloat16"`, `"float16"` or `"float32"`); the
             state stays float32.
         in_context_updates: If `False`, no memory and no CMS level is ever updated inside the
@@ -161,6 +169,7 @@ class HopeConfig(PretrainedConfig):
         chunk_size: int = 16,
         memory_chunk_size: int = 64,
         memory_read: str = "token",
+        linear_gradient: str = "token",
         eta_max: float = 2.0,
         dgd_step_bound: bool = True,
         eta_init: float = 0.5,
@@ -203,6 +212,7 @@ class HopeConfig(PretrainedConfig):
         self.chunk_size = chunk_size
         self.memory_chunk_size = memory_chunk_size
         self.memory_read = memory_read
+        self.linear_gradient = linear_gradient
         self.eta_max = eta_max
         self.dgd_step_bound = dgd_step_bound
         self.eta_init = eta_init

@@ -28,19 +28,21 @@ from .cache_hope import MemoryState
 from .chunk_grid import ChunkGrid, in_state_precision, masked_rates, scan_chunks, select_where
 from .dgd_fla import fla_dgd_chunk, use_fla
 from .dgd_naive import dgd_step
-from .primitives import MemoryRule, Weights, activation, dgd_terms, flush_subnormals, l2norm, memory_read
+from .primitives import (MemoryRule, Weights, activation, dgd_terms, flush_subnormals, l2norm, linear_dgd_terms,
+                         memory_read)
 
 PROJECTION_MEMORIES = ("k", "v", "eta", "alpha")
 
 
 class ChunkSolve:
-    """The UT form of `W_t = W_{t-1} (alpha_t I - eta_t u~_t u~_t^T) + w_t u~_t^T` over a chunk, with
-    the writes `w_t = eta_t r_t`.
+    """The UT form of `W_t = W_{t-1} (alpha_t I + eta_t a_t u~_t^T) + w_t u~_t^T` over a chunk, with
+    the writes `w_t = eta_t r_t` and the erase direction `a_t = -u~_t` (the DGD step) unless
+    `erase_per_eta` gives it (a linear memory's gradient at the current state, `linear_dgd_terms`).
 
     With gamma_t = prod_{s<=t} alpha_s, the state is `W_t = gamma_t W_0 + sum_{s<=t} gamma_t /
     gamma_s x_s u~_s^T` where the pseudo-writes x solve the unit lower-triangular system
 
-        x_t + eta_t sum_{s<t} (gamma_{t-1} / gamma_s) (u~_s . u~_t) x_s = w_t - eta_t gamma_{t-1} W_0 u~_t,
+        x_t - eta_t sum_{s<t} (gamma_{t-1} / gamma_s) (u~_s . a_t) x_s = w_t + eta_t gamma_{t-1} W_0 a_t,
 
     (the UT transform of DeltaNet, with decay). All decay ratios are <= 1 (no overflow). `end()` is
     W_C; `reads(z)` the per-token reads `W_{t-1} z_t` (what the state is before token t's update),
@@ -49,26 +51,29 @@ class ChunkSolve:
 
     an attention-like masked matmul with the same decay matrix.
 
-    weight: W_0 [..., O, I]; unit: [..., C, I]; write_per_eta: r [..., C, O]; eta, log_alpha: [..., C].
+    weight: W_0 [..., O, I]; unit: [..., C, I]; write_per_eta: r [..., C, O]; eta, log_alpha: [..., C];
+    erase_per_eta: a [..., C, I] (None: -unit).
     """
 
-    def __init__(self, weight, unit, write_per_eta, eta, log_alpha) -> None:
+    def __init__(self, weight, unit, write_per_eta, eta, log_alpha, erase_per_eta=None) -> None:
         dtype = weight.dtype
         unit, eta, log_alpha = unit.to(dtype), eta.to(dtype), log_alpha.to(dtype)
         self.weight, self.unit = weight, unit
         write = eta.unsqueeze(-1) * write_per_eta.to(dtype)
+        # eta_t a_t, written as -eta_t u~_t for the DGD step so that its products keep their old rounding
+        erase = -eta[..., None] * unit if erase_per_eta is None else eta[..., None] * erase_per_eta.to(dtype)
         length = unit.shape[-2]
         self.log_gamma = log_alpha.cumsum(-1)  # [..., C]
         self.log_gamma_prev = self.log_gamma - log_alpha
         if length == 1:  # one token: the step itself
             self.decay = None
-            self.pseudo = write - eta[..., None] * (unit @ weight.transpose(-1, -2))
+            self.pseudo = write + erase @ weight.transpose(-1, -2)
             return
         strictly_lower = torch.ones(length, length, dtype=torch.bool, device=unit.device).tril(-1)
         self.decay = (self.log_gamma_prev[..., :, None] - self.log_gamma[..., None, :]).masked_fill(
             ~strictly_lower, -math.inf).exp()
-        system = eta[..., :, None] * self.decay * (unit @ unit.transpose(-1, -2))  # [..., C, C], strictly lower
-        rhs = write - (eta * self.log_gamma_prev.exp())[..., None] * (unit @ weight.transpose(-1, -2))  # [..., C, O]
+        system = -self.decay * (erase @ unit.transpose(-1, -2))  # [..., C, C], strictly lower
+        rhs = write + self.log_gamma_prev.exp()[..., None] * (erase @ weight.transpose(-1, -2))  # [..., C, O]
         self.pseudo = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
 
     def end(self) -> torch.Tensor:
@@ -129,12 +134,19 @@ def _memory_chunk_update(
     target_key: Optional[torch.Tensor] = None,
     token_reads: bool = False,
 ):
-    """One chunk of DGD on one (possibly stacked) memory; the gradients are taken at `start`.
-    A linear memory on CUDA runs through fla's gated-delta-rule kernel (`dgd_fla`) unless the
-    per-token reads are wanted. `target_key`: the key of a self-generated target (`step_bound`).
+    """One chunk of DGD on one (possibly stacked) memory; the gradients are taken at `start`, or for a
+    linear memory under `linear_gradient="token"` at each token's current state (`linear_dgd_terms`;
+    `target` is then ignored for a self-generated target, which it re-reads at that state). With the
+    chunk-start gradient a linear memory on CUDA runs through fla's gated-delta-rule kernel (`dgd_fla`)
+    unless the per-token reads are wanted. `target_key`: the key of a self-generated target.
 
     Returns the end state, or with `token_reads` a `(end state, solves)` pair: each weight's
     `ChunkSolve`, whose `reads` give the per-token states' reads (`_token_reads`)."""
+    if rule.gradient_at_current(current):
+        unit, erase, write = linear_dgd_terms(key, target if target_key is None else None, target_key, rule.eps,
+                                              eta if rule.step_bound else None)
+        solve = ChunkSolve(current["W"], unit, write, eta, log_alpha, erase_per_eta=erase)
+        return ({"W": solve.end()}, {"W": solve}) if token_reads else {"W": solve.end()}
     terms = dgd_terms(start, key, target, rule.activation, rule.eps, target_key, eta if rule.step_bound else None)
     if "W" in current and not token_reads and rule.use_fla and use_fla(current["W"]):
         return {"W": flush_subnormals(fla_dgd_chunk(current["W"], *terms["W"], eta, log_alpha, compute_dtype=rule.fla_dtype))}
@@ -431,9 +443,11 @@ def _self_modifying_token(a, q, state: Dict[str, MemoryState], seen, mask, eta_r
     alpha = torch.sigmoid((reads[:, 3] * alpha_readout[:, None]).sum(-1) + alpha_bias[:, None])
     read_at = current if rule.memory_read == "token" else start
     o = memory_read({w: t[:, 4] for w, t in read_at.items()}, q_t, act)  # [B, H, 1, D]
-    targets = memory_read(start, v_unit.unsqueeze(1), act)  # every memory's self-generated value, [B, 5, H, 1, D]
+    # the state every memory's inner gradient and self-generated value are taken at
+    gradient_at = current if rule.gradient_at_current(current) else start
+    targets = memory_read(gradient_at, v_unit.unsqueeze(1), act)  # every memory's self-generated value, [B, 5, H, 1, D]
     copies = lambda x: x.unsqueeze(1).expand(-1, len(names), *x.shape[1:])  # noqa: E731  [B, ...] -> [B, 5, ...]
-    terms = dgd_terms(start, copies(key), targets, act, rule.eps, copies(v_unit),
+    terms = dgd_terms(gradient_at, copies(key), targets, act, rule.eps, copies(v_unit),
                       copies(eta) if rule.step_bound else None)
     terms = {w: (unit.squeeze(-2), write.squeeze(-2)) for w, (unit, write) in terms.items()}
     stepped = dgd_step(current, terms, eta.squeeze(-1).unsqueeze(1), alpha.squeeze(-1).unsqueeze(1))

@@ -49,10 +49,17 @@ def _learn(state: MemoryState, key: torch.Tensor, target: torch.Tensor, target_k
            eta: torch.Tensor, alpha: torch.Tensor, active: torch.Tensor, chunk_end: torch.Tensor,
            rule: MemoryRule) -> MemoryState:
     """One token's DGD step on one memory, kept for the samples where the token is real; where it
-    completes a chunk, the current state becomes the chunk-start state. key, target, target_key:
-    [B, H, D] (target_key: the key of a self-generated target, None for a plain one); eta, alpha:
-    [B, H]; active, chunk_end: [B] bool."""
-    terms = dgd_terms(state.start, key.unsqueeze(-2), target.unsqueeze(-2), rule.activation, rule.eps,
+    completes a chunk, the current state becomes the chunk-start state. The inner gradient is taken at
+    the chunk-start state, or at the current one for a linear memory under `linear_gradient="token"`
+    (a self-generated target is then re-read there). key, target, target_key: [B, H, D] (target_key:
+    the key of a self-generated target, None for a plain one); eta, alpha: [B, H]; active, chunk_end:
+    [B] bool."""
+    gradient_at = state.start
+    if rule.gradient_at_current(state.current):
+        gradient_at = state.current
+        if target_key is not None:
+            target = _read(gradient_at, target_key, rule.activation)
+    terms = dgd_terms(gradient_at, key.unsqueeze(-2), target.unsqueeze(-2), rule.activation, rule.eps,
                       None if target_key is None else target_key.unsqueeze(-2),
                       eta.unsqueeze(-1) if rule.step_bound else None)
     terms = {name: (unit.squeeze(-2), write.squeeze(-2)) for name, (unit, write) in terms.items()}

@@ -39,6 +39,14 @@ class MemoryRule:
     use_fla: bool = True  # linear memories on CUDA: fla's gated-delta-rule kernel for the end state, when installed
     fla_dtype: torch.dtype = torch.bfloat16  # the dtype fla's kernel computes in (the state stays float32)
     compile_decoding: bool = False  # run the single-token step of the self-modifying mixer through torch.compile
+    # linear memories: "token" takes the inner gradient (and a self-generated target) at the current state
+    # W_{t-1} (`linear_dgd_terms`), "chunk" at the chunk-start state like a deep memory
+    linear_gradient: str = "token"
+
+    def gradient_at_current(self, weights: "Weights") -> bool:
+        """Whether these weights' inner gradient is taken at the current state (a linear memory under
+        `linear_gradient="token"`) rather than at the chunk-start state."""
+        return "W" in weights and self.linear_gradient == "token"
 
 
 # --- activations ----------------------------------------------------------------------------------
@@ -148,6 +156,41 @@ def dgd_terms(
         write_scale = -(squared + eps) * scale / normaliser
         terms[name] = (inputs * scale.unsqueeze(-1), out_factor * write_scale.unsqueeze(-1))
     return terms
+
+
+def linear_dgd_terms(
+    key: torch.Tensor, target: Optional[torch.Tensor], target_key: Optional[torch.Tensor], eps: float,
+    eta: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DGD step of a linear memory `M(z) = W z` with its inner gradient taken at the current state
+    `W_{t-1}` (`HopeConfig.linear_gradient="token"`: the per-token recurrence of paper Eq. 88 itself,
+    docs/design.md §8.20), written as one rank-1 transition plus a write:
+
+        W_t = W_{t-1} (alpha I + eta a u~^T) + eta r u~^T
+
+    `dgd_terms` at `W_{t-1}` gives the gradient term `eta c (W_{t-1} k - target) u~^T` with the scale
+    `c = -||k|| / (max(1, ||k||^2) b)` (b: the `step_bound` factor; 1 without eta). Its part linear in
+    `W_{t-1}` joins the erase term:
+
+        plain target v:                  a = -u~ + c k,          r = -c v
+        self-generated target W v^:      a = -u~ + c (k - v^),   r = 0
+
+    Both sides are known before the chunk is solved, so the chunk stays one triangular solve
+    (`dgd_chunk.ChunkSolve` with `erase_per_eta=a`).
+
+    key: k [..., C, D]; target: v [..., C, D] for a plain target, None for a self-generated one; target_key:
+    v^ [..., C, D] (None for a plain target); eta: [..., C] (None: the unbounded step).
+    Returns (u~, a, r), each [..., C, D]."""
+    squared = (key * key).sum(-1)  # [..., C]
+    scale = torch.rsqrt(squared + eps)
+    normaliser = squared.clamp(min=1.0)
+    if eta is not None:
+        normaliser = normaliser * step_bound({"W": key}, key, target_key, eta, "identity")["W"]
+    c = (-(squared + eps) * scale / normaliser).unsqueeze(-1)  # [..., C, 1], as in dgd_terms
+    unit = key * scale.unsqueeze(-1)
+    if target_key is None:
+        return unit, c * key - unit, -c * target
+    return unit, c * (key - target_key) - unit, torch.zeros_like(key)
 
 
 def step_bound(state: Weights, key: torch.Tensor, target_key: Optional[torch.Tensor], eta: torch.Tensor, act: str) -> Weights:
