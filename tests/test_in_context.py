@@ -265,3 +265,17 @@ def test_titans_memory_reaches_beyond_the_conv_window_at_init(memory_type):
     """Measured: 0.096 / 0.100 (deep), 0.29 / 0.21 (linear) for seeds 0 / 1; 0.0004 / 0.0009 with the
     reset rates of `test_initial_rates_are_the_configured_ones`."""
     assert memory_reach(0, mixer="titans", memory_type=memory_type) >= 0.05
+
+
+def test_linear_gradient_default_per_mixer(tmp_path):
+    """`linear_gradient=None` resolves to the measured rule of each mixer (docs/design.md §8.20): "token" for
+    the self-modifying mixer (stable), "chunk" for titans (better recall, stable); an explicit value wins,
+    and the resolved value is what a saved config holds."""
+    assert HopeConfig().linear_gradient == "token"
+    assert HopeConfig(mixer="titans").linear_gradient == "chunk"
+    assert HopeConfig(mixer="titans", linear_gradient="token").linear_gradient == "token"
+    config = HopeConfig(mixer="titans", vocab_size=61, hidden_size=16, num_heads=2, num_hidden_layers=1)
+    config.save_pretrained(tmp_path)
+    assert HopeConfig.from_pretrained(tmp_path).linear_gradient == "chunk"
+    with pytest.raises(ValueError, match=r"linear_gradient must be one of \['token', 'chunk'\]"):
+        HopeConfig(linear_gradient="current")

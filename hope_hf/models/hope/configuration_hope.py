@@ -86,9 +86,11 @@ class HopeConfig(PretrainedConfig):
         linear_gradient: Where a linear memory takes its inner gradient (and a self-generated target):
             `"token"` at the current state `W_{t-1}` (the per-token DGD of paper Eq. 88, exact in the
             chunked path as one triangular solve), or `"chunk"` at the chunk-start state, as deep memories
-            do (the Titans approximation). Default `"token"`: with `"chunk"` the self-modifying mixer's
-            linear memories can grow without bound over a long chunk (docs/design.md §8.20); checkpoints
-            saved before this field existed compute with `"chunk"`. Deep memories ignore it.
+            do (the Titans approximation). Default (None): `"token"` for the self-modifying mixer, whose
+            linear memories can grow without bound over a long chunk with `"chunk"`, and `"chunk"` for
+            the titans mixer, which learns recall better with it and stays bounded (docs/design.md §8.20);
+            the resolved value is what the config holds and saves. Checkpoints saved before this field
+            existed compute with `"chunk"`. Deep memories ignore it.
         eta_max: Upper bound of the per-token inner learning rate `eta_t = eta_max * sigmoid(.)`, in
             (0, 2]. Above 1 the DGD transition `alpha I - eta u~ u~^T` gets eigenvalues below 0 along
             the key (state tracking, Grazzi et al. 2024); `primitives.step_bound` keeps the step
@@ -169,7 +171,7 @@ class HopeConfig(PretrainedConfig):
         chunk_size: int = 16,
         memory_chunk_size: int = 64,
         memory_read: str = "token",
-        linear_gradient: str = "token",
+        linear_gradient: Optional[str] = None,
         eta_max: float = 2.0,
         dgd_step_bound: bool = True,
         eta_init: float = 0.5,
@@ -212,6 +214,8 @@ class HopeConfig(PretrainedConfig):
         self.chunk_size = chunk_size
         self.memory_chunk_size = memory_chunk_size
         self.memory_read = memory_read
+        if linear_gradient is None:  # the measured best per mixer (docs/design.md §8.20)
+            linear_gradient = "chunk" if mixer == "titans" else "token"
         self.linear_gradient = linear_gradient
         self.eta_max = eta_max
         self.dgd_step_bound = dgd_step_bound
