@@ -60,8 +60,7 @@ class ChunkSolve:
         unit, eta, log_alpha = unit.to(dtype), eta.to(dtype), log_alpha.to(dtype)
         self.weight, self.unit = weight, unit
         write = eta.unsqueeze(-1) * write_per_eta.to(dtype)
-        # eta_t a_t, written as -eta_t u~_t for the DGD step so that its products keep their old rounding
-        erase = -eta[..., None] * unit if erase_per_eta is None else eta[..., None] * erase_per_eta.to(dtype)
+        erase = -eta[..., None] * unit if erase_per_eta is None else eta[..., None] * erase_per_eta.to(dtype)  # eta_t a_t
         length = unit.shape[-2]
         self.log_gamma = log_alpha.cumsum(-1)  # [..., C]
         self.log_gamma_prev = self.log_gamma - log_alpha
@@ -252,7 +251,9 @@ def _run_main_memory(
                 per_sample = {w: t.view(batch, *shape[w]) for w, t in start.items()}
                 pad_read = _read_at(per_sample, pad_queries[pads], pads[0], rule)
         if rule.updates:
-            target = memory_read(start, value_c, rule.activation) if self_generated else value_c
+            target = value_c
+            if self_generated and not rule.gradient_at_current(start):  # else re-read at each token's state
+                target = memory_read(start, value_c, rule.activation)
             active = grid.segment_active(seg)
             eta_c, log_alpha_c = masked_rates(eta_c, alpha_c, None if active is None else active.repeat_interleave(heads, 0))
             updated = _memory_chunk_update(start, current, key_c, target, eta_c, log_alpha_c, rule,
@@ -395,7 +396,8 @@ def self_modifying_titans_chunk(
         eta_c = eta_max * torch.sigmoid((reads[:, 2] * eta_readout[:, None]).sum(-1) + eta_bias[:, None])  # [B, H, C]
         alpha_c = torch.sigmoid((reads[:, 3] * alpha_readout[:, None]).sum(-1) + alpha_bias[:, None])
         if rule.updates:
-            targets = memory_read(start, per_memory(v_unit), rule.activation)  # [B*4*H, C, D]
+            # the self-generated values, [B*4*H, C, D] (a linear memory under "token" re-reads them per token)
+            targets = None if rule.gradient_at_current(start) else memory_read(start, per_memory(v_unit), rule.activation)
             eta_m, log_alpha_m = masked_rates(eta_c, alpha_c, grid.segment_active(seg))
             current = _memory_chunk_update(
                 start, current, per_memory(k_c), targets, per_memory(eta_m), per_memory(log_alpha_m), rule,
@@ -464,7 +466,7 @@ def _self_modifying_token(a, q, state: Dict[str, MemoryState], seen, mask, eta_r
     else:
         keep = active.view(-1, 1, 1, 1, 1)
         current = {w: torch.where(keep, stepped[w], t) for w, t in current.items()}
-    if not (host_read and not bool(chunk_end.any())):
+    if not host_read or bool(chunk_end.any()):
         start = {w: torch.where(chunk_end, current[w], t) for w, t in start.items()}
     starts, currents = _unstack(start, len(names)), _unstack(current, len(names))
     end = {name: MemoryState(s, c) for name, s, c in zip(names, starts, currents)}

@@ -184,7 +184,7 @@ def linear_dgd_terms(
     squared = (key * key).sum(-1)  # [..., C]
     scale = torch.rsqrt(squared + eps)
     normaliser = squared.clamp(min=1.0)
-    if eta is not None:
+    if eta is not None:  # a linear memory's bound depends on the keys only; the dict just names its weight
         normaliser = normaliser * step_bound({"W": key}, key, target_key, eta, "identity")["W"]
     c = (-(squared + eps) * scale / normaliser).unsqueeze(-1)  # [..., C, 1], as in dgd_terms
     unit = key * scale.unsqueeze(-1)
