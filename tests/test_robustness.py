@@ -4,7 +4,9 @@ failed call that leaves the cache as it was, cache files validated, and no depre
 from our own calls on transformers 5.23 and 5.24+."""
 
 import copy
+import datetime
 import os
+import time
 import warnings
 
 import pytest
@@ -96,7 +98,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a timeout turns a stuck collective into an error instead of a hung test
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         results = {}
         for mixer in MIXERS:
@@ -118,6 +122,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 dist.all_gather(gathered, flat)
                 results[f"{mixer}-{checkpointing}"] = max((g - gathered[0]).abs().max().item() for g in gathered)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks tear down together (a lone destroy_process_group can hang, pytorch#75097)
     finally:
         dist.destroy_process_group()
 
@@ -125,7 +130,17 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_two_process_ddp_short_and_long_sequences(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    context = mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            written = sorted(p.name for p in tmp_path.glob("rank*.pt"))
+            for process in context.processes:
+                process.terminate()
+            # both ranks finished the training and wrote their results: only gloo's teardown hung
+            if written != ["rank0.pt", "rank1.pt"]:
+                pytest.fail(f"DDP ranks did not finish within 300 s (results written: {written})")
+            break
     results = torch.load(tmp_path / "rank0.pt")
     assert len(results) == 2 * len(MIXERS)
     for name, spread in results.items():
