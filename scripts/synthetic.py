@@ -158,7 +158,7 @@ def sweep(args: argparse.Namespace, config: HopeConfig, max_positions: int, trai
                 run_budget = replace(budget, lr=lr, seed=seed)
                 summary = train_model(model, train_set, collate, run_budget, desc=f"{name} lr={lr} seed={seed}",
                                       on_step=on_step)
-                if not curve or curve[-1][0] != summary["steps"]:  # diverged or cut short: evaluate where it stopped
+                if curve[-1][0] != summary["steps"]:  # diverged or cut short: evaluate where it stopped
                     curve.append((summary["steps"], round(time.perf_counter() - clock["start"] - clock["evaluating"], 2),
                                   round(evaluate(model), 4)))
                 others = {metric: round(fn(model), 4) for metric, fn in evaluations.items() if metric != primary}
@@ -178,8 +178,7 @@ def sweep(args: argparse.Namespace, config: HopeConfig, max_positions: int, trai
     budget_clock = min(r["train_seconds"] for rows in chosen.values() for r in rows)
 
     def at_clock(curve):
-        before = [acc for _, seconds, acc in curve if seconds <= budget_clock]
-        return before[-1] if before else 0.0
+        return [acc for _, seconds, acc in curve if seconds <= budget_clock][-1]  # step 0 is at 0 s
 
     summary = []
     for name, rows in chosen.items():
