@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Speed and memory of HOPE against a same-size `LlamaForCausalLM`, measured in one run.
 
-Rows: Llama (transformers, SDPA, SwiGLU), HOPE (self-modifying, default CMS), HOPE-attention,
+Rows: Llama (transformers, SDPA, SwiGLU), HOPE (self-modifying, default CMS), the same HOPE with its
+memories' chunk steps and decoding step through `torch.compile` (`hope-compiled`), HOPE-attention,
 HOPE with linear memory, and HOPE with its CMS width shrunk until its parameter count matches
 Llama's (`hope-matched`). Columns: parameters; training tokens/s (forward + backward + AdamW,
 batch 1) at T=2048 and T=8192 in fp32 and bf16 autocast; prefill tokens/s (T=2048, no grad; for
@@ -10,7 +11,8 @@ contexts 512, 4K and 16K; peak RSS of the T=8192 fp32 training step.
 
 Every cell runs in its own subprocess (so peak RSS is per cell and nothing warms another):
 one warm-up, then `--repeats` timed repeats; the table shows the median and the spread
-(min-max) is in the JSON. Ratios are against the Llama row of the same run.
+(min-max) is in the JSON, with the warm-up's seconds (`warmup_s`: for `hope-compiled` the compile).
+Ratios are against the Llama row of the same run.
 
 A second table, "linear-memory recurrence: ours vs fla naive chunk", times the recurrence of the
 `hope-linear` row's main memory alone (batch 1, `heads` problems of head_dim x head_dim, chunk
@@ -48,7 +50,7 @@ from typing import Dict, List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ROWS = ("llama", "hope", "hope-attention", "hope-linear", "hope-matched")
+ROWS = ("llama", "hope", "hope-compiled", "hope-attention", "hope-linear", "hope-matched")
 DECODE_CONTEXTS = (512, 4096, 16384)
 RECURRENCE_ROWS = ("ours", "fla")  # HOPE's ChunkSolve, fla's naive_chunk_gated_delta_rule
 RECURRENCE_LENGTHS = (2048, 8192)
@@ -74,6 +76,8 @@ def build_model(row: str, size: Dict[str, int]):
         return LlamaForCausalLM(config)
     if row == "hope":
         return HopeForCausalLM(HopeConfig(**hope_kwargs))
+    if row == "hope-compiled":
+        return HopeForCausalLM(HopeConfig(compile_chunks=True, compile_decoding=True, **hope_kwargs))
     if row == "hope-attention":
         return HopeForCausalLM(HopeConfig(mixer="attention", **hope_kwargs))
     if row == "hope-linear":
@@ -133,8 +137,8 @@ def run_cell(cell: dict) -> dict:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if step > 0:
-                times.append(time.perf_counter() - start)
+            times.append(time.perf_counter() - start)
+        result["warmup_s"], times = times[0], times[1:]
         result["tokens_per_s"] = [length / t for t in times]
     elif task.startswith("prefill"):
         _, length, implementation = task.split(":")
@@ -147,8 +151,8 @@ def run_cell(cell: dict) -> dict:
             for step in range(repeats + 1):
                 start = time.perf_counter()
                 model(input_ids=ids, use_cache=True)
-                if step > 0:
-                    times.append(time.perf_counter() - start)
+                times.append(time.perf_counter() - start)
+        result["warmup_s"], times = times[0], times[1:]
         result["tokens_per_s"] = [length / t for t in times]
     elif task.startswith("decode"):
         context = int(task.split(":")[1])

@@ -43,6 +43,13 @@ class MemoryState:
         """A memory at the start of a chunk: both states are `weights`."""
         return cls(dict(weights), dict(weights))
 
+    def map(self, fn) -> "MemoryState":
+        """`fn(name, tensor)` applied to both states; a weight the two share (one tensor, as in a fresh
+        state or after a completed chunk) is mapped once and stays shared."""
+        start = {name: fn(name, t) for name, t in self.start.items()}
+        return MemoryState(start, {name: start[name] if t is self.start[name] else fn(name, t)
+                                   for name, t in self.current.items()})
+
     def flatten(self, prefix: str = "") -> Tensors:
         out = {}
         for name, tensor in self.current.items():

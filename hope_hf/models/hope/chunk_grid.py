@@ -175,12 +175,19 @@ def masked_rates(eta: torch.Tensor, alpha: torch.Tensor, active: Optional[torch.
 
 
 def scan_chunks(step: Callable[[MemoryState, object], Tuple[MemoryState, object]], carry: MemoryState, pieces: List,
-                remat: bool) -> Tuple[MemoryState, List]:
+                remat: bool, compiled: bool = False) -> Tuple[MemoryState, List]:
     """`carry, out = step(carry, piece)` over the chunks, collecting the outputs.
 
     With `remat` (training on many chunks) the chunks run in blocks of ~sqrt(#chunks), each under
     `torch.utils.checkpoint`: the backward recomputes a block from the state at its start, so
-    autograd keeps ~2 sqrt(#chunks) memory states instead of one (plus activations) per chunk."""
+    autograd keeps ~2 sqrt(#chunks) memory states instead of one (plus activations) per chunk.
+
+    With `compiled` (`HopeConfig.compile_chunks`) `step` runs through `torch.compile`: a chunk's
+    few hundred small ops, forward and backward, fuse into a few kernels. Dynamo caches the graph
+    on `step`'s code, so a fresh closure per call reuses it while its guards (shapes, grad mode,
+    the closure's flags, whether start and current are one tensor) hold."""
+    if compiled:
+        step = torch.compile(step)
     if not remat:
         outputs = []
         for piece in pieces:

@@ -238,7 +238,6 @@ def _run_main_memory(
     shape = {w: t.shape[1:] for w, t in state.current.items()}  # [H, O, I]
     q, key, value = (_flat(x.transpose(1, 2).to(dtype), 2) for x in (q, key, value))  # [B*H, L, D]
     eta, alpha = (_flat(x.transpose(1, 2).to(dtype), 2) for x in (eta, alpha))  # [B*H, L]
-    flat = lambda weights: {w: _flat(t.expand(batch, *shape[w]), 2) for w, t in weights.items()}  # noqa: E731  [B*H, O, I]
     token_reads = rule.memory_read == "token" and rule.updates
 
     def step(carry: MemoryState, piece):
@@ -269,8 +268,9 @@ def _run_main_memory(
 
     pieces = list(zip(grid.segments, grid.completes, grid.pads, grid.pad_slots,
                       zip(*(grid.split(x) for x in (q, key, value, eta, alpha)))))
-    carry = MemoryState(flat(state.start), flat(state.current))
-    carry, results = scan_chunks(step, carry, pieces, _remat(rule, pieces, q, key, value, *carry.current.values()))
+    carry = state.map(lambda w, t: _flat(t.expand(batch, *shape[w]), 2))  # [B*H, O, I]
+    remat = _remat(rule, pieces, q, key, value, *carry.current.values())
+    carry, results = scan_chunks(step, carry, pieces, remat, rule.compile_chunks)
     outputs, pad_reads = [r[0] for r in results], [r[1] for r in results]
     o = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
     o = o.reshape(batch, heads, -1, q.shape[-1]).transpose(1, 2)  # [B, L, H, D]
@@ -375,10 +375,11 @@ def self_modifying_titans_chunk(
     names = PROJECTION_MEMORIES
     dtype = _dtype_of(state["k"].current)
     batch, heads, copies = a.shape[0], a.shape[2], len(names)
-    stacked = MemoryState(_stack([state[n].start for n in names]), _stack([state[n].current for n in names]))
+    starts = _stack([state[n].start for n in names])
+    shared = all(state[n].current[w] is state[n].start[w] for n in names for w in starts)  # e.g. fresh states
+    stacked = MemoryState(starts, starts if shared else _stack([state[n].current for n in names]))
     shape = {w: t.shape[1:] for w, t in stacked.current.items()}  # [4, H, O, I]
-    flat = lambda weights: {w: _flat(t.expand(batch, *shape[w]), 3) for w, t in weights.items()}  # noqa: E731
-    stacked = MemoryState(flat(stacked.start), flat(stacked.current))  # [B*4*H, O, I]
+    stacked = stacked.map(lambda w, t: _flat(t.expand(batch, *shape[w]), 3))  # [B*4*H, O, I]
 
     def per_memory(x: torch.Tensor) -> torch.Tensor:  # [B, H, ...] -> [B*4*H, ...], one copy per memory
         return _flat(x.unsqueeze(1).expand(batch, copies, *x.shape[1:]), 3)
@@ -407,7 +408,8 @@ def self_modifying_titans_chunk(
         return MemoryState(start, current), (k_c, v_unit, eta_c, alpha_c)
 
     pieces = list(zip(grid.segments, grid.completes, grid.split(a_grid, dim=2)))
-    stacked, results = scan_chunks(step, stacked, pieces, _remat(rule, pieces, a_grid, eta_readout, *stacked.current.values()))
+    remat = _remat(rule, pieces, a_grid, eta_readout, *stacked.current.values())
+    stacked, results = scan_chunks(step, stacked, pieces, remat, rule.compile_chunks)
     keys, unit_values, etas, alphas = (list(column) for column in zip(*results))
     unflat = lambda weights: {w: t.view(batch, *shape[w]) for w, t in weights.items()}  # noqa: E731
 

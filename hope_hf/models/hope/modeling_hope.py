@@ -229,7 +229,8 @@ class HopeMemoryMixer(nn.Module):
             activation=config.memory_activation, eps=config.norm_eps, updates=config.in_context_updates,
             memory_read=config.memory_read, step_bound=config.dgd_step_bound, recompute_above=config.scan_recompute_threshold,
             use_fla=config.use_fla_kernels, fla_dtype=getattr(torch, config.fla_dtype),
-            compile_decoding=config.compile_decoding, linear_gradient=config.linear_gradient,
+            compile_decoding=config.compile_decoding, compile_chunks=config.compile_chunks,
+            linear_gradient=config.linear_gradient,
         )
 
     @property
