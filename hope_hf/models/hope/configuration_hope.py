@@ -134,10 +134,10 @@ class HopeConfig(PretrainedConfig):
             ms, d=256, 4 layers, 1 thread). Results equal the eager step within float rounding.
         compile_chunks: Run the chunked path's per-chunk step of every in-context memory (training and
             prefill) through `torch.compile` (inductor), forward and backward. The first call of a
-            process compiles it (~2 min on a CPU core, again for a new grad mode or chunk shape); after
-            that a training step of the default model takes 1.2-1.6x less time (`results/bench_speed`).
-            The CMS levels (their own hand-written backward) run eagerly. Results equal the eager path
-            within float rounding.
+            process compiles it (up to ~2 min on a CPU core, again for a new grad mode or chunk shape);
+            after that the default d=256 model trains 1.66x faster and prefills 1.29x faster on one CPU
+            thread (`results/bench_speed/compile_2026-12-01`). The CMS levels (their own hand-written
+            backward) run eagerly. Results equal the eager path within float rounding.
         use_fla_kernels: On CUDA with flash-linear-attention installed, compute a linear memory's
             end-of-chunk state with fla's `chunk_gated_delta_rule` (with `linear_gradient="chunk"` only,
             and not where per-token reads need the torch solve). `False`: always the torch solve.
