@@ -59,7 +59,9 @@ RECURRENCE_TOLERANCE = 1e-4  # relative gap allowed between the two end states (
 
 
 # --- one cell, in a child process ----------------------------------------------------------------
-def build_model(row: str, size: Dict[str, int]):
+def build_model(row: str, size: Dict[str, int], compile: bool = False):
+    """One bench row's model; `compile` turns on `compile_chunks` and `compile_decoding` for every HOPE row
+    (`hope-compiled` always has them)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -67,17 +69,17 @@ def build_model(row: str, size: Dict[str, int]):
 
     torch.manual_seed(0)
     d, layers, heads, vocab = size["d"], size["layers"], size["heads"], size["vocab"]
-    hope_kwargs = dict(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_heads=heads)
+    compiled = compile or row == "hope-compiled"
+    hope_kwargs = dict(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_heads=heads,
+                       compile_chunks=compiled, compile_decoding=compiled)
     if row == "llama":
         intermediate = HopeConfig(**hope_kwargs).cms_hidden_size  # the same SwiGLU width as one CMS level
         config = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=intermediate,
                              num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                              tie_word_embeddings=True, attn_implementation="sdpa")
         return LlamaForCausalLM(config)
-    if row == "hope":
+    if row in ("hope", "hope-compiled"):
         return HopeForCausalLM(HopeConfig(**hope_kwargs))
-    if row == "hope-compiled":
-        return HopeForCausalLM(HopeConfig(compile_chunks=True, compile_decoding=True, **hope_kwargs))
     if row == "hope-attention":
         return HopeForCausalLM(HopeConfig(mixer="attention", **hope_kwargs))
     if row == "hope-linear":
@@ -117,7 +119,7 @@ def run_cell(cell: dict) -> dict:
     from hope_hf.models.hope.hf_compat import CACHE_NAME, output_cache
 
     repeats = cell["repeats"]
-    model = build_model(row, size)
+    model = build_model(row, size, cell.get("compile", False))
     params = sum(p.numel() for p in model.parameters())
     vocab = size["vocab"]
     gen = torch.Generator().manual_seed(1)
@@ -538,6 +540,8 @@ def main(argv=None) -> dict:
     add_cell_arguments(parser)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-loop prefill cells")
+    parser.add_argument("--compile", action="store_true",
+                        help="every HOPE row with compile_chunks and compile_decoding (torch.compile; the warm-up compiles)")
     parser.add_argument("--peer", action="store_true", help="also try PyPI nested-learning==0.2.0")
     parser.add_argument("--only-recurrence", action="store_true",
                         help="run only the linear-memory recurrence table (ours vs fla naive chunk), no model rows")
@@ -587,7 +591,8 @@ def main(argv=None) -> dict:
     cells = [(row, task) for task in tasks for row in rows if task in plan[row]]
     load_before = os.getloadavg()
     for row, task in tqdm(cells, desc="bench_speed"):
-        cell = {"row": row, "task": task, "size": size, "repeats": args.repeats, "decode_steps": args.decode_steps}
+        cell = {"row": row, "task": task, "size": size, "repeats": args.repeats, "decode_steps": args.decode_steps,
+                "compile": args.compile}
         results[row][task] = spawn(cell, args.timeout)
         if "error" in results[row][task]:
             tqdm.write(f"{row} {task}: {results[row][task]['error']}")
@@ -603,7 +608,7 @@ def main(argv=None) -> dict:
         print()
         print(recurrence["table"])
     out.mkdir(parents=True, exist_ok=True)
-    record = {"size": size, "rows": rows, "contexts": contexts, "results": results, "table": table, "peer": peer,
+    record = {"size": size, "compile": args.compile, "rows": rows, "contexts": contexts, "results": results, "table": table, "peer": peer,
               "recurrence": recurrence, "torch_threads": _threads(), "cpu": _cpu_name(),
               "load_average": {"before": load_before, "after": os.getloadavg()}}
     (out / "bench_speed.json").write_text(json.dumps(record, indent=1))
