@@ -510,6 +510,29 @@ def test_compiled_chunks_equal_eager():
         torch.testing.assert_close(states["compiled"][n].detach(), state.detach(), atol=1e-5, rtol=1e-5, msg=n)
 
 
+def test_compiled_chunks_prefill_with_padding_equals_eager():
+    """`compile_chunks=True` without gradients on a left-padded batch with a pad in the middle (the
+    padding branches of the compiled steps): logits at real tokens and end states equal the eager path
+    (float32, 1e-5)."""
+    from torch._dynamo.utils import counters
+
+    kwargs = dict(chunk_size=2, memory_chunk_size=3, cms_chunk_sizes=[2, None])
+    models = {"eager": tiny_model(seed=8, **kwargs), "compiled": tiny_model(seed=8, compile_chunks=True, **kwargs)}
+    ids, mask = padded_batch(9, 13, [0, 4])
+    mask[0, 6] = 0
+    logits, states = {}, {}
+    frames_before = counters["frames"]["ok"]
+    with torch.no_grad():
+        for name, model in models.items():
+            out = model(ids, attention_mask=mask, use_cache=True)
+            logits[name], states[name] = out.logits, flat_state(output_cache(out))
+    assert counters["frames"]["ok"] > frames_before  # the steps went through Dynamo, not eagerly
+    real = mask.bool()
+    torch.testing.assert_close(logits["compiled"][real], logits["eager"][real], atol=1e-5, rtol=1e-5)
+    for n, state in states["eager"].items():
+        torch.testing.assert_close(states["compiled"][n], state, atol=1e-5, rtol=1e-5, msg=n)
+
+
 def test_compiled_decoding_equals_eager():
     """`compile_decoding=True` (torch.compile of the single-token step) gives the eager step's logits and
     states (float32, 1e-5), across a chunk boundary of every memory."""
