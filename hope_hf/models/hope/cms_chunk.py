@@ -150,12 +150,22 @@ def _cms_token(n, state: CMSState, buffer, seen, mask, value_weight, eta, alpha,
 
 
 # --- the hand-derived backward ---------------------------------------------------------------------
-def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, in place (fused into the GEMM outside autocast)."""
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, decay: float = 1.0) -> None:
+    """acc <- decay * acc + a @ b, in place (fused into the GEMM outside autocast)."""
     if torch.is_autocast_enabled("cpu") or a.dtype != acc.dtype or b.dtype != acc.dtype:
+        if decay != 1.0:
+            acc.mul_(decay)
         acc.add_(a @ b)
     else:
-        acc.baddbmm_(a, b)
+        acc.baddbmm_(a, b, beta=decay)
+
+
+def _inner(adjoint: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum(adjoint * weight) over the batch, as one dot product (no temporary of the weights' size);
+    weight may be shared by the batch (stride 0)."""
+    if weight.stride(0) == 0:
+        return torch.dot(adjoint.sum(0).flatten(), weight[0].flatten())
+    return torch.dot(adjoint.flatten(), weight.flatten())
 
 
 def _owned(t: torch.Tensor, inputs) -> torch.Tensor:
@@ -260,7 +270,7 @@ class CMSChunkFunction(torch.autograd.Function):
                     rates = chunk.rates(1.0)  # 1 / max(1, energy), [B, 1, 1] each
                     grad_eta -= sum((r.flatten() * inner).sum() for r, inner in zip(rates, inners)).double()
                     for w, dw in zip(weights, d_weights):
-                        grad_alpha += (dw * w).sum().double()
+                        grad_alpha += _inner(dw, w).double()
                     # through the normalisers: d(1/E)/dE = -1/E^2 where E > 1; dE/du_t = 2 g_t u_t
                     # (the gains g_t carry no gradient)
                     d_energy_gate, d_energy_up, d_energy_hidden = (
@@ -282,9 +292,9 @@ class CMSChunkFunction(torch.autograd.Function):
                     grad_target[:, start:stop] -= d_error.to(grad_target.dtype)
                     d_out = d_out + d_error
                     d_hidden = scale_hidden * q_hidden + d_out @ down_w + 2 * d_energy_hidden * chunk.hidden
-                    for dw in d_weights:  # weights' = alpha * weights - ...
-                        dw.mul_(alpha_f)
+                    decay = alpha_f  # weights' = alpha * weights - ...: scales each adjoint (in its first GEMM below)
                 else:
+                    decay = 1.0
                     d_grad_hidden = None
                     d_hidden = d_out @ down_w
                     d_act = d_up = d_gate = d_x = 0.0
@@ -294,9 +304,9 @@ class CMSChunkFunction(torch.autograd.Function):
                 d_gate = d_gate + d_act * chunk.dsilu
                 d_x = d_x + d_up @ up_w + d_gate @ gate_w
                 grad_x[:, lo:stop] += d_x.to(grad_x.dtype)
-                _accumulate(d_weights[0], d_gate.transpose(-1, -2), x)
-                _accumulate(d_weights[1], d_up.transpose(-1, -2), x)
-                _accumulate(d_weights[2], d_out.transpose(-1, -2).to(chunk.hidden.dtype), chunk.hidden)
+                _accumulate(d_weights[0], d_gate.transpose(-1, -2), x, decay)
+                _accumulate(d_weights[1], d_up.transpose(-1, -2), x, decay)
+                _accumulate(d_weights[2], d_out.transpose(-1, -2).to(chunk.hidden.dtype), chunk.hidden, decay)
                 if d_grad_hidden is not None:
                     _accumulate(d_weights[2], chunk.error.transpose(-1, -2), d_grad_hidden)
         return (grad_x, grad_target, grad_eta.to(eta.dtype), grad_alpha.to(alpha.dtype), None, None, None, None,

@@ -106,6 +106,11 @@ def flush_subnormals(x: torch.Tensor) -> torch.Tensor:
     return (x + FLUSH_OFFSET) - FLUSH_OFFSET
 
 
+def flush_subnormals_(x: torch.Tensor) -> torch.Tensor:
+    """`flush_subnormals` in place, for a fresh result that nothing else holds (no temporaries)."""
+    return x.add_(FLUSH_OFFSET).sub_(FLUSH_OFFSET)
+
+
 # --- memories -------------------------------------------------------------------------------------
 def memory_read(state: Weights, z: torch.Tensor, act: str) -> torch.Tensor:
     """`M[state](z)`: weights [..., O, I], z [..., C, D] -> [..., C, D]."""
@@ -315,7 +320,8 @@ class SwiGLUPass:
         self.grad_hidden = apply_weight(self.error, down_w, transpose=False)  # [B, C, I]
         self.grad_gate = self.grad_hidden * self.up * self.dsilu
         self.grad_up = self.grad_hidden * self.act
-        column_energy = (shared_weight(down_w) ** 2).sum(-2)  # ||down[:, i]||^2: [I] or [B, I]
+        with torch.no_grad():  # ||down[:, i]||^2: [I] or [B, I] (a safeguard, not differentiated)
+            column_energy = (shared_weight(down_w) ** 2).sum(-2)
         if column_energy.dim() > 1:
             column_energy = column_energy.unsqueeze(1)
         self.gain_gate, self.gain_up = swiglu_gains(column_energy, self.gate, self.up)
@@ -324,10 +330,14 @@ class SwiGLUPass:
         self.energies = ((energy_in * self.gain_gate).sum(1), (energy_in * self.gain_up).sum(1),
                          (hidden_real * hidden_real).sum((1, 2)))
 
+    def gradient_factors(self) -> Tuple[Tuple[torch.Tensor, torch.Tensor], ...]:
+        """The block's summed gradient of each weight is `e^T u` (a sum of rank-1 terms over the block's
+        tokens): (e [B, C, O], u [B, C, I]) for gate, up and down."""
+        return (self.grad_gate, self.n), (self.grad_up, self.n), (self.error, self.hidden)
+
     def gradient_sums(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The block's summed gradients w.r.t. gate, up, down ([B, I, d], [B, I, d], [B, d, I])."""
-        return (self.grad_gate.transpose(-1, -2) @ self.n, self.grad_up.transpose(-1, -2) @ self.n,
-                self.error.transpose(-1, -2) @ self.hidden)
+        return tuple(e.transpose(-1, -2) @ u for e, u in self.gradient_factors())
 
     def rates(self, eta) -> Tuple[torch.Tensor, ...]:
         """eta / max(1, energy) for gate, up and down, [B, 1, 1] each."""
@@ -335,14 +345,25 @@ class SwiGLUPass:
 
     def step(self, weights: Sequence[torch.Tensor], eta, alpha) -> Tuple[torch.Tensor, ...]:
         """`cms_step` with this block's gradients: the fast weights after the (complete) chunk."""
-        return cms_step(weights, self.gradient_sums(), self.rates(eta), alpha)
+        return cms_step(weights, self.gradient_factors(), self.rates(eta), alpha)
 
 
-def cms_step(weights: Sequence[torch.Tensor], gradient_sums: Sequence[torch.Tensor], rates: Sequence[torch.Tensor],
-             alpha) -> Tuple[torch.Tensor, ...]:
+def cms_step(weights: Sequence[torch.Tensor], gradient_factors: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+             rates: Sequence[torch.Tensor], alpha) -> Tuple[torch.Tensor, ...]:
     """The CMS level's update at the end of a chunk (docs/design.md §5), per weight:
 
-        theta <- alpha * theta - eta / max(1, sum_t ||u_t||^2 g_t) * sum_{t in chunk} grad_t
+        theta <- alpha * theta - eta / max(1, sum_t ||u_t||^2 g_t) * sum_{t in chunk} e_t u_t^T
 
-    with `rates` = eta / max(1, ...) ([B, 1, 1] each, `SwiGLUPass.rates`); subnormals flushed (`flush_subnormals`)."""
-    return tuple(flush_subnormals(alpha * w - r.to(w.dtype) * g.to(w.dtype)) for w, g, r in zip(weights, gradient_sums, rates))
+    with `rates` = eta / max(1, ...) ([B, 1, 1] each, `SwiGLUPass.rates`) and the gradient as its
+    factors (`SwiGLUPass.gradient_factors`), so that the decay, the gradient sum and the write are one
+    `baddbmm` (the weights are the large operand: one pass over them instead of five); subnormals flushed
+    (`flush_subnormals`). `alpha`: a float, or a 0-dim tensor (then differentiable)."""
+    new = []
+    for w, (e, u), r in zip(weights, gradient_factors, rates):
+        scaled = (-r.to(w.dtype) * e.to(w.dtype)).transpose(-1, -2)  # [B, O, C]
+        if isinstance(alpha, float):
+            out = torch.baddbmm(w, scaled, u.to(w.dtype), beta=alpha)
+        else:
+            out = torch.baddbmm(alpha.to(w.dtype) * w, scaled, u.to(w.dtype))
+        new.append(flush_subnormals_(out))
+    return tuple(new)
