@@ -101,9 +101,12 @@ def train_model(
             compared with a run that `budget.minutes` cut short gets exactly the same batches and learning rates.
 
     Returns:
-        `{"steps", "seconds", "final_train_loss" (mean of the last 10% of steps), "diverged_at_step", "losses"}`;
-        a non-finite loss stops the run before its update (the model keeps the weights of the last finite step)
-        and is recorded in `diverged_at_step` (None if it never happened).
+        `{"steps", "seconds", "final_train_loss" (mean of the last 10% of steps), "diverged_at_step", "losses",
+        "skipped_steps"}`; a non-finite loss stops the run before its update (the model keeps the weights of the
+        last finite step) and is recorded in `diverged_at_step` (None if it never happened). A finite loss whose
+        gradient is not finite skips that update (AdamW would carry the NaN into every weight, and clipping
+        cannot bound it): `skipped_steps` lists each such step with its gradient norm and the first
+        parameters whose gradient was not finite; the learning-rate schedule goes on as if it had been taken.
     """
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=budget.lr, betas=(0.9, 0.95),
@@ -112,6 +115,7 @@ def train_model(
     generator = torch.Generator().manual_seed(budget.seed)
     losses: list[float] = []
     diverged_at: Optional[int] = None
+    skipped: list[dict[str, Any]] = []
     start = time.perf_counter()
     model.train()
     bar = tqdm(range(budget.steps), desc=desc, dynamic_ncols=True, leave=False)
@@ -130,8 +134,13 @@ def train_model(
             break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), budget.max_grad_norm)
-        optimizer.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), budget.max_grad_norm)
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        else:
+            bad = [name for name, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            skipped.append({"step": step + 1, "grad_norm": float(grad_norm), "parameters": bad[:8]})
+            optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         if on_step is not None:
             on_step(step + 1, model)
@@ -142,7 +151,8 @@ def train_model(
     bar.close()
     tail = losses[-max(1, len(losses) // 10):]
     return {"steps": len(losses), "seconds": round(time.perf_counter() - start, 1),
-            "final_train_loss": sum(tail) / len(tail), "diverged_at_step": diverged_at, "losses": losses}
+            "final_train_loss": sum(tail) / len(tail), "diverged_at_step": diverged_at, "losses": losses,
+            "skipped_steps": skipped}
 
 
 @torch.no_grad()

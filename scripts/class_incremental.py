@@ -399,6 +399,10 @@ class InCA:
     (`candidates`), put into the prompt in the order they were seen (oldest first)."""
 
     def __init__(self, model, stream: Stream, pad_id: int, args) -> None:
+        layers = model.config.num_hidden_layers  # hidden_states: the embeddings, then one entry per layer
+        if not -(layers + 1) <= args.inca_layer <= layers:
+            raise ValueError(f"--inca-layer {args.inca_layer}: this model has {layers} layers, so the hidden_states "
+                             f"index must be in [{-(layers + 1)}, {layers}]")
         self.model, self.stream, self.pad_id, self.args = model, stream, pad_id, args
         self.statistics = ClassStatistics(args.inca_shrinkage)
         self.test_embeddings: Dict[int, torch.Tensor] = {}  # per task (the model is frozen: computed once)

@@ -165,8 +165,10 @@ def sweep(args: argparse.Namespace, config: HopeConfig, max_positions: int, trai
                 row = {**task, "model": name, "lr": lr, "seed": seed, "parameters": count_parameters(model),
                        "steps": summary["steps"], "train_seconds": curve[-1][1], primary: curve[-1][2], **others,
                        "final_train_loss": round(summary["final_train_loss"], 4),
-                       "diverged_at_step": summary["diverged_at_step"], "curve": curve}
-                print("  " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "curve"), flush=True)
+                       "diverged_at_step": summary["diverged_at_step"], "skipped_steps": summary["skipped_steps"],
+                       "curve": curve}
+                print("  " + ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("curve", "skipped_steps"))
+                      + f", skipped_steps={len(summary['skipped_steps'])}", flush=True)
                 runs.append(row)
                 write_table(out, f"{stem}_runs", runs, {"task": task, "budget": budget, "command": " ".join(sys.argv)})
     best = {}
@@ -225,7 +227,7 @@ def compare(args: argparse.Namespace, config: HopeConfig, max_positions: int, tr
             stop_at = stop_at or summary["steps"]
         row = {**task, "model": name, "parameters": count_parameters(model), "steps": summary["steps"],
                "seconds": summary["seconds"], "final_train_loss": round(summary["final_train_loss"], 4),
-               "diverged_at_step": summary["diverged_at_step"]}
+               "diverged_at_step": summary["diverged_at_step"], "skipped_steps": len(summary["skipped_steps"])}
         for metric, evaluate in evaluations.items():
             value = evaluate(model)  # a number, or a mapping of several (`{metric}_{key}` columns)
             row.update({f"{metric}_{k}": round(v, 4) for k, v in value.items()} if isinstance(value, dict)

@@ -388,7 +388,7 @@ def test_seed_protocol_draws(tmp_path):
         ci.build_stream(ci.parse_args(base + ["--num-tasks", "8", "--classes-per-task", "1"]), _CharTokenizer())
 
 
-def test_tuning_provenance_refuses_tuning_on_a_test_split():
+def test_tuning_provenance_refuses_tuning_on_a_test_split(monkeypatch):
     ci = _load_script()
     with pytest.raises(SystemExit, match="tuning on a test split is not allowed"):
         ci.parse_args(["--tuned-on", "clinc:test"])
@@ -399,7 +399,9 @@ def test_tuning_provenance_refuses_tuning_on_a_test_split():
     assert args.hyperparameters["ewc_lambda"]["tuned_on"].startswith("clinc:dev") and not args.warnings
     dev = ci.parse_args(["--lr", "1e-3", "--eval-split", "dev", "--methods", "finetune"])
     assert dev.hyperparameters["lr"]["tuned_on"].startswith("being tuned")
-    inca = ci.parse_args(["--methods", "icl,inca"])  # InCA's defaults are not tuned yet: said loudly
+    assert not ci.parse_args(["--methods", "icl,inca"]).warnings  # InCA's defaults: tuned on clinc:dev
+    monkeypatch.setitem(ci.HYPERPARAMETER_PROVENANCE, "inca_top_k", "NOT TUNED (choose on clinc:dev)")
+    inca = ci.parse_args(["--methods", "icl,inca"])  # a default not tuned yet is said loudly
     assert any("inca_top_k" in w for w in inca.warnings) and inca.flags["icl"] == []
     assert any("inca_top_k" in f for f in inca.flags["inca"])
     assert not ci.parse_args(["--methods", "icl,inca", "--eval-split", "dev"]).warnings
@@ -411,7 +413,7 @@ def test_tuning_provenance_refuses_tuning_on_a_test_split():
         ci.parse_args(["--methods", "inca@noctx"])
 
 
-def test_whole_script_on_a_tiny_model_and_dataset(tmp_path, capsys):
+def test_whole_script_on_a_tiny_model_and_dataset(tmp_path, capsys, monkeypatch):
     """main() end to end: every method (incl. inca) on a tiny random Llama, then --resume with a
     second seed (runs only the new cells), then --merge of two runs."""
     import json
@@ -422,6 +424,8 @@ def test_whole_script_on_a_tiny_model_and_dataset(tmp_path, capsys):
     from hope_hf.data.tokenizer import train_bpe_tokenizer
 
     ci = _load_script()
+    # a default not tuned yet flags the rows that use it
+    monkeypatch.setitem(ci.HYPERPARAMETER_PROVENANCE, "inca_layer", "NOT TUNED (choose on clinc:dev)")
     _write_dataset(tmp_path / "data", num_classes=6, train=4, test=3)
     texts = [line.split("\t")[0] for line in (tmp_path / "data" / "train.tsv").read_text().splitlines()]
     tokenizer = train_bpe_tokenizer(texts + ["Text: a\nCategory: class a\n\n"] * 4, vocab_size=300)

@@ -4,6 +4,7 @@ exact-match scoring, and the small training helpers (optimizers, stop callback, 
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -87,6 +88,21 @@ def test_train_model_gives_every_model_the_same_batches():
     train_model(after_two, data, collate, budget, stop_at=2)
     assert torch.equal(diverging.w, after_two.w)
     assert train_model(Recorder(), data, collate, budget)["diverged_at_step"] is None
+
+    class NanGradient(Recorder):  # a finite loss whose gradient is NaN at the third step
+        def forward(self, input_ids, attention_mask, labels, use_cache):
+            out = super().forward(input_ids, attention_mask, labels, use_cache)
+            if len(self.seen) != 3:
+                return out
+            return SimpleNamespace(loss=out.loss + 0.0 * torch.sqrt(self.w - self.w.detach()))  # d sqrt(0) = inf
+
+    nan_gradient = NanGradient()
+    summary = train_model(nan_gradient, data, collate, budget)
+    assert summary["steps"] == 6 and summary["diverged_at_step"] is None and all(map(math.isfinite, summary["losses"]))
+    assert [(s["step"], s["parameters"]) for s in summary["skipped_steps"]] == [(3, ["w"])]
+    assert not math.isfinite(summary["skipped_steps"][0]["grad_norm"])
+    assert torch.isfinite(nan_gradient.w)  # the update was skipped, the weight stayed finite
+    assert train_model(Recorder(), data, collate, budget)["skipped_steps"] == []
     with pytest.raises(ValueError, match="TrainBudget.steps"):
         TrainBudget(steps=0)
 
