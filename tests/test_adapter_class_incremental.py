@@ -425,7 +425,7 @@ def test_whole_script_on_a_tiny_model_and_dataset(tmp_path, capsys, monkeypatch)
 
     ci = _load_script()
     # a default not tuned yet flags the rows that use it
-    monkeypatch.setitem(ci.HYPERPARAMETER_PROVENANCE, "inca_layer", "NOT TUNED (choose on clinc:dev)")
+    monkeypatch.setitem(ci.HYPERPARAMETER_PROVENANCE, "inca_shrinkage", "NOT TUNED (choose on clinc:dev)")
     _write_dataset(tmp_path / "data", num_classes=6, train=4, test=3)
     texts = [line.split("\t")[0] for line in (tmp_path / "data" / "train.tsv").read_text().splitlines()]
     tokenizer = train_bpe_tokenizer(texts + ["Text: a\nCategory: class a\n\n"] * 4, vocab_size=300)
@@ -438,6 +438,7 @@ def test_whole_script_on_a_tiny_model_and_dataset(tmp_path, capsys, monkeypatch)
               "--num-tasks", "2", "--classes-per-task", "2", "--train-per-class", "3", "--test-per-class", "3",
               "--layers", "1", "--pack-size", "4", "--epochs", "1", "--cms-chunk-sizes", "2,4",
               "--cms-intermediate-size", "8", "--memory-chunk", "4", "--slow-period", "2", "--inca-top-k", "1",
+              "--inca-layer", "-1",
               "--no-bf16", "--bootstrap", "100", "--tuned-on", "clinc:dev"]
     methods = "icl,inca,finetune,ewc,hope,finetune@ctx,hope@noctx"
     ci.main(common + ["--methods", methods, "--seeds", "1", "--out", str(tmp_path / "a")])
@@ -459,7 +460,7 @@ def test_whole_script_on_a_tiny_model_and_dataset(tmp_path, capsys, monkeypatch)
     assert "seconds_per_seed" in csv_rows[0] and "average_accuracy_low" in csv_rows[0] and len(csv_rows) == 8
     assert (tmp_path / "a" / "toy" / "accuracy.png").stat().st_size > 0
     table = (tmp_path / "a" / "toy" / "results.md").read_text()
-    assert "| inca (!) |" in table and "| icl |" in table and "inca_layer=-1 is not tuned" in table
+    assert "| inca (!) |" in table and "| icl |" in table and "inca_shrinkage=0.2 is not tuned" in table
     assert "Paired differences, hope minus each row" in table and "| hope minus |" in table
     versus = {r["method"]: r.get("versus_reference") for r in payload["results"]}
     assert versus["hope"] is None and versus["icl"]["reference"] == "hope" and versus["icl"]["seeds"] == [0]
@@ -481,3 +482,13 @@ def test_whole_script_on_a_tiny_model_and_dataset(tmp_path, capsys, monkeypatch)
              "--out", str(tmp_path / "merged"), "--bootstrap", "100"])
     merged = json.loads((tmp_path / "merged" / "toy" / "results.json").read_text())
     assert {r["method"]: r["seeds"] for r in merged["results"]}["icl"] == [0, 1, 3]
+
+
+def test_inca_layer_out_of_range_is_refused_with_the_range():
+    from types import SimpleNamespace
+
+    ci = _load_script()
+    model = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=2))
+    args = ci.parse_args(["--methods", "inca"])
+    with pytest.raises(ValueError, match=r"--inca-layer 15: this model has 2 layers.*\[-3, 2\]"):
+        ci.embed(model, [[1, 2]], 0, args, args.inca_layer)  # the default (15, chosen for SmolLM2's 30 layers)
