@@ -90,6 +90,7 @@ def train_model(
     desc: str = "training",
     on_step: Optional[Callable[[int, nn.Module], None]] = None,
     stop_at: Optional[int] = None,
+    nonfinite_dump: Optional[str | Path] = None,
 ) -> dict[str, Any]:
     """Train `model` on random batches of `dataset` (`{"input_ids", "labels", "attention_mask"}` items) with
     AdamW for `budget.steps` steps. The batches depend only on `budget.seed`, so two models trained with the
@@ -99,6 +100,9 @@ def train_model(
         on_step: called as `on_step(step, model)` after each optimizer step (e.g. periodic evaluation).
         stop_at: stop after this many steps without changing the schedule (set by `budget.steps`): a model
             compared with a run that `budget.minutes` cut short gets exactly the same batches and learning rates.
+        nonfinite_dump: at the first skipped update (see below), `torch.save` `{"step", "batch", "state_dict"}`
+            (the weights it was computed at, the batch it was computed on) to this file, so that the failing
+            backward can be replayed alone (e.g. under `torch.autograd.detect_anomaly`).
 
     Returns:
         `{"steps", "seconds", "final_train_loss" (mean of the last 10% of steps), "diverged_at_step", "losses",
@@ -140,6 +144,11 @@ def train_model(
         else:
             bad = [name for name, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
             skipped.append({"step": step + 1, "grad_norm": float(grad_norm), "parameters": bad[:8]})
+            if nonfinite_dump is not None and len(skipped) == 1:
+                Path(nonfinite_dump).parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"step": step + 1, "batch": {k: v.cpu() for k, v in batch.items()},
+                            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
+                           nonfinite_dump)
             optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         if on_step is not None:

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sweep: learning rates per model (the best one, by mean accuracy over seeds, is reported)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="sweep: seeds (model init and batches)")
     parser.add_argument("--eval-every", type=int, default=100, help="sweep: steps between accuracy evaluations")
+    parser.add_argument("--dump-nonfinite", action="store_true",
+                        help="sweep: at a run's first non-finite gradient, save its weights and batch to "
+                             "<out>/nonfinite_<model>_lr<lr>_seed<seed>.pt (to replay the backward alone)")
     formal = parser.add_argument_group("formal")
     formal.add_argument("--languages", nargs="+", default=None, help="default: all seven")
     formal.add_argument("--num-train", type=int, default=4000, help="training strings per language")
@@ -156,8 +159,9 @@ def sweep(args: argparse.Namespace, config: HopeConfig, max_positions: int, trai
                     clock["evaluating"] += time.perf_counter() - began
 
                 run_budget = replace(budget, lr=lr, seed=seed)
+                dump = out / f"nonfinite_{name}_lr{lr}_seed{seed}.pt" if args.dump_nonfinite else None
                 summary = train_model(model, train_set, collate, run_budget, desc=f"{name} lr={lr} seed={seed}",
-                                      on_step=on_step)
+                                      on_step=on_step, nonfinite_dump=dump)
                 if curve[-1][0] != summary["steps"]:  # diverged or cut short: evaluate where it stopped
                     curve.append((summary["steps"], round(time.perf_counter() - clock["start"] - clock["evaluating"], 2),
                                   round(evaluate(model), 4)))

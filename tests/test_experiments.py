@@ -48,7 +48,7 @@ def test_niah_encoding_labels_only_the_copyable_answer():
     assert needle_at < len(ids) - len(answer) - 10
 
 
-def test_train_model_gives_every_model_the_same_batches():
+def test_train_model_gives_every_model_the_same_batches(tmp_path):
     from hope_hf.experiments import TrainBudget, train_model
     from hope_hf.data import generate_mqar, pad_collate
 
@@ -97,11 +97,14 @@ def test_train_model_gives_every_model_the_same_batches():
             return SimpleNamespace(loss=out.loss + 0.0 * torch.sqrt(self.w - self.w.detach()))  # d sqrt(0) = inf
 
     nan_gradient = NanGradient()
-    summary = train_model(nan_gradient, data, collate, budget)
+    summary = train_model(nan_gradient, data, collate, budget, nonfinite_dump=tmp_path / "dump" / "nonfinite.pt")
     assert summary["steps"] == 6 and summary["diverged_at_step"] is None and all(map(math.isfinite, summary["losses"]))
     assert [(s["step"], s["parameters"]) for s in summary["skipped_steps"]] == [(3, ["w"])]
     assert not math.isfinite(summary["skipped_steps"][0]["grad_norm"])
     assert torch.isfinite(nan_gradient.w)  # the update was skipped, the weight stayed finite
+    dump = torch.load(tmp_path / "dump" / "nonfinite.pt")  # the failing step's weights and batch, to replay it
+    assert dump["step"] == 3 and torch.equal(dump["batch"]["input_ids"], nan_gradient.seen[2])
+    assert torch.equal(dump["state_dict"]["w"], after_two.w)  # the weights after step 2, where step 3 failed
     assert train_model(Recorder(), data, collate, budget)["skipped_steps"] == []
     with pytest.raises(ValueError, match="TrainBudget.steps"):
         TrainBudget(steps=0)
