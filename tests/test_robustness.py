@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from _scripts import run_without_hope_hf
-from conftest import MIXERS, tiny_config, tiny_model
+from conftest import MEMORY_TYPES, MIXERS, tiny_config, tiny_model
 from hope_hf import HopeCache, HopeConfig, HopeForCausalLM
 from hope_hf.adapters import HopeAdapterConfig, apply_hope_adapter
 from hope_hf.models.hope.hf_compat import CACHE_NAME, output_cache
@@ -340,3 +340,42 @@ def test_no_cache_deprecation_warnings_from_our_calls(monkeypatch):
                       "cache_params" in str(w.message)]
     cache_warnings += [m for m in logged if "past_key_values" in m]
     assert not cache_warnings, cache_warnings
+
+
+def test_retention_that_underflows_to_zero_keeps_gradients_finite():
+    """A rate readout trained far negative makes alpha = sigmoid(logit) exactly 0 in float32; log(0) clamped
+    to a finite value has the backward 0 / 0 = NaN (issue 12: a whole MQAR training step's gradient was NaN)."""
+    from hope_hf.models.hope.chunk_grid import LOG_ALPHA_MIN, masked_rates
+
+    torch.manual_seed(11)
+    logits = torch.randn(3, 2, 7, dtype=torch.float64) * 4
+    logits[0, 1, 2] = logits[2, 0, 5] = -800.0  # sigmoid underflows to exactly 0 in float64 too
+    logits.requires_grad_(True)
+    alpha = torch.sigmoid(logits)
+    assert (alpha == 0).sum() == 2
+    eta = torch.rand(3, 2, 7, dtype=torch.float64)
+    _, log_alpha = masked_rates(eta, alpha, None)
+    assert torch.equal(log_alpha.detach(), alpha.detach().log().clamp(min=LOG_ALPHA_MIN))
+    weights = torch.randn_like(log_alpha)
+    (grad,) = torch.autograd.grad((log_alpha * weights).sum(), logits)
+    assert torch.isfinite(grad).all()
+    saturated = alpha.detach() == 0
+    expected = weights * torch.sigmoid(-logits.detach())  # d logsigmoid(x) / dx = sigmoid(-x)
+    torch.testing.assert_close(grad[~saturated], expected[~saturated])
+    assert (grad[saturated] == 0).all()
+
+
+@pytest.mark.parametrize("mixer", ["self_modifying", "titans"])
+@pytest.mark.parametrize("memory", MEMORY_TYPES)
+def test_model_with_a_zero_retention_head_trains_with_finite_gradients(mixer, memory):
+    model = tiny_model(seed=3, mixer=mixer, memory_type=memory).train()
+    for layer in model.model.layers:
+        bias = layer.mixer.alpha_bias if mixer == "self_modifying" else layer.mixer.alpha_proj.bias
+        with torch.no_grad():
+            bias[0] = -300.0  # head 0 forgets everything at every token: alpha = 0 exactly
+    batch = ids(seed=5, length=23)
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    bad = [name for name, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, bad

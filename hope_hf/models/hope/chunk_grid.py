@@ -166,8 +166,14 @@ def select_where(condition: Condition, new: Dict[str, torch.Tensor], old: Dict[s
 
 
 def masked_rates(eta: torch.Tensor, alpha: torch.Tensor, active: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fillers and padding become no-ops: eta = 0 and alpha = 1. eta, alpha: [B, ..., C]; active: [B, C]."""
-    log_alpha = alpha.log().clamp(min=LOG_ALPHA_MIN)
+    """Fillers and padding become no-ops: eta = 0 and alpha = 1. eta, alpha: [B, ..., C]; active: [B, C].
+
+    A retention alpha = sigmoid(logit) that underflows to exactly 0 (logit below about -104 in float32, which
+    trained rate readouts reach) gets log alpha = LOG_ALPHA_MIN. The log is taken of a safe stand-in there,
+    not clamped afterwards: log(0) = -inf clamps to a finite value, but its backward is 0 / 0 = NaN, which
+    made whole training steps' gradients NaN (issue 12, MQAR 16 at step 800)."""
+    positive = alpha > 0
+    log_alpha = torch.where(positive, torch.where(positive, alpha, 1.0).log(), LOG_ALPHA_MIN)
     if active is None:
         return eta, log_alpha
     keep = active.view(active.shape[0], *([1] * (eta.dim() - 2)), active.shape[1])
