@@ -145,10 +145,12 @@ def train_model(
             bad = [name for name, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
             skipped.append({"step": step + 1, "grad_norm": float(grad_norm), "parameters": bad[:8]})
             if nonfinite_dump is not None and len(skipped) == 1:
-                Path(nonfinite_dump).parent.mkdir(parents=True, exist_ok=True)
+                dump = Path(nonfinite_dump)
+                dump.parent.mkdir(parents=True, exist_ok=True)
+                partial = dump.with_name(dump.name + ".partial")  # renamed when complete: no half-written dump
                 torch.save({"step": step + 1, "batch": {k: v.cpu() for k, v in batch.items()},
-                            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
-                           nonfinite_dump)
+                            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, partial)
+                partial.replace(dump)
             optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         if on_step is not None:

@@ -102,6 +102,7 @@ def test_train_model_gives_every_model_the_same_batches(tmp_path):
     assert [(s["step"], s["parameters"]) for s in summary["skipped_steps"]] == [(3, ["w"])]
     assert not math.isfinite(summary["skipped_steps"][0]["grad_norm"])
     assert torch.isfinite(nan_gradient.w)  # the update was skipped, the weight stayed finite
+    assert sorted(p.name for p in (tmp_path / "dump").iterdir()) == ["nonfinite.pt"]
     dump = torch.load(tmp_path / "dump" / "nonfinite.pt")  # the failing step's weights and batch, to replay it
     assert dump["step"] == 3 and torch.equal(dump["batch"]["input_ids"], nan_gradient.seen[2])
     assert torch.equal(dump["state_dict"]["w"], after_two.w)  # the weights after step 2, where step 3 failed
