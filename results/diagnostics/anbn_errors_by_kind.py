@@ -18,14 +18,14 @@ from dataclasses import replace
 import sys
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from hope_hf.data.synthetic import (FORMAL_LANGUAGES, FORMAL_VOCAB, PAD_ID, FormalLanguageDataset,  # noqa: E402
                                     formal_language_accuracy, formal_language_collate)
 from hope_hf.experiments import evaluate_accuracy, hope_and_llama, train_model  # noqa: E402
+import synthetic  # noqa: E402  (scripts/synthetic.py: the suite's parser, config and budget)
 
 SORTED = re.compile(r"^(a*)(b*)$")
 
@@ -45,10 +45,6 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file for the table")
     args = parser.parse_args()
 
-    from importlib.util import module_from_spec, spec_from_file_location
-    spec = spec_from_file_location("synthetic", ROOT / "scripts" / "synthetic.py")
-    synthetic = module_from_spec(spec)
-    spec.loader.exec_module(synthetic)
     suite = synthetic.build_parser().parse_args(["formal", "--languages", "anbn"])
     config = synthetic.hope_config(suite, len(FORMAL_VOCAB), PAD_ID)
     data_seed = args.seed + 1000 * list(FORMAL_LANGUAGES).index("anbn")  # as run_formal seeds it

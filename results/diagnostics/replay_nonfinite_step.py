@@ -13,24 +13,17 @@ parameters with NaN gradients; the anomaly is `LogBackward0` in `chunk_grid.mask
 alpha = sigmoid(logit) had underflowed to exactly 0, log(0) = -inf was clamped to a finite value, and its
 backward is 0 / 0. After the fix (the log of a safe stand-in) the same step has no non-finite gradient.
 """
-import importlib.util
 import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from hope_hf.data.synthetic import FILLER_ID  # noqa: E402
 from hope_hf.experiments import hope_and_llama  # noqa: E402
-
-
-def load_synthetic():
-    spec = importlib.util.spec_from_file_location("synthetic", ROOT / "scripts" / "synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import synthetic  # noqa: E402  (scripts/synthetic.py: the suite's parser and config)
 
 
 def backward(model, batch, anomaly: bool) -> None:
@@ -47,7 +40,6 @@ def main() -> None:
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
     dump = torch.load(sys.argv[1])
-    synthetic = load_synthetic()
     args = synthetic.build_parser().parse_args(["mqar", "--models", "HOPE", *sys.argv[2:]])
     config = synthetic.hope_config(args, args.mqar_vocab, FILLER_ID)
     model = hope_and_llama(config, args.mqar_seq_len, seed=0)["HOPE"]
