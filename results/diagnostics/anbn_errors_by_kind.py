@@ -1,7 +1,8 @@
 """Where does HOPE lose on a^n b^n? Accuracy split by the kind of example (issue 12: the default HOPE stays at
 0.85 on the training lengths at every learning rate, the Llama reaches 1.00).
 
-    OMP_NUM_THREADS=1 python results/diagnostics/anbn_errors_by_kind.py [--seed 0] [--lr-hope 3e-3] [--lr-llama 1e-3]
+    OMP_NUM_THREADS=1 python results/diagnostics/anbn_errors_by_kind.py [--seed 0] [--lr-hope 3e-3] [--lr-llama 1e-3] \
+        [--models HOPE Llama] [HopeConfig flags of scripts/synthetic.py, e.g. --eta_init 0.01]
 
 Trains the suite's HOPE (defaults) and Llama exactly as `scripts/synthetic.py formal --languages anbn` does
 (same data, same seeded batches, 300 steps), then scores held-out strings of the training lengths (1-40) and
@@ -42,10 +43,12 @@ def main() -> None:
     parser.add_argument("--lr-hope", type=float, default=3e-3)
     parser.add_argument("--lr-llama", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--models", nargs="+", default=["HOPE", "Llama"], choices=["HOPE", "Llama"])
     parser.add_argument("--out", default=None, help="JSON file for the table")
-    args = parser.parse_args()
+    args, config_flags = parser.parse_known_args()
 
-    suite = synthetic.build_parser().parse_args(["formal", "--languages", "anbn"])
+    # anything else is a HopeConfig flag of the suite (`--eta_init 0.01`, ...); the suite's parser rejects the rest
+    suite = synthetic.build_parser().parse_args(["formal", "--languages", "anbn", *config_flags])
     config = synthetic.hope_config(suite, len(FORMAL_VOCAB), PAD_ID)
     data_seed = args.seed + 1000 * list(FORMAL_LANGUAGES).index("anbn")  # as run_formal seeds it
     train = FormalLanguageDataset.generate("anbn", suite.num_train, 1, 40, seed=data_seed)
@@ -56,6 +59,8 @@ def main() -> None:
     base = synthetic.budget_for("formal", suite)
     table = {}
     for name, model in hope_and_llama(config, 83, seed=args.seed).items():
+        if name not in args.models:
+            continue
         lr = args.lr_hope if name == "HOPE" else args.lr_llama
         budget = replace(base, lr=lr, seed=args.seed, steps=args.steps)
         train_model(model, train, formal_language_collate, budget, desc=f"{name} lr={lr}")
@@ -70,7 +75,7 @@ def main() -> None:
             table[f"{name} lr {lr}, {split}"] = row
             print(f"{name} lr {lr}, {split}: {row}", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "accuracy": table}, indent=2))
+        Path(args.out).write_text(json.dumps({"args": vars(args), "config_flags": config_flags, "accuracy": table}, indent=2))
 
 
 if __name__ == "__main__":
