@@ -116,6 +116,21 @@ def adamw_step(
     p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 
+def descend(p: Tensor, update: Tensor, group: dict[str, Any], scale: float = 1.0) -> None:
+    """The last step every matrix rule shares: decoupled weight decay, then `p -= lr * scale * update`.
+
+    Args:
+        p: the parameter (updated in place).
+        update: any shape with `p.numel()` entries (a matrix view is reshaped back to `p.shape`).
+        group: the parameter group (`lr`, `weight_decay`).
+        scale: the rule's shape factor (`shape_scale`), 1 for an unnormalised update.
+    """
+    lr = group["lr"]
+    if group["weight_decay"] != 0:
+        p.mul_(1 - lr * group["weight_decay"])
+    p.add_(update.reshape(p.shape), alpha=-lr * scale)
+
+
 def _tensor_of(p: Any) -> Tensor:
     # torch accepts (name, tensor) pairs as params since 2.5.
     return p[1] if isinstance(p, tuple) else p

@@ -30,7 +30,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from ._base import MatrixOptimizer, check_ns, check_range, check_shape_scale
+from ._base import MatrixOptimizer, check_ns, descend, check_range, check_shape_scale
 from .newton_schulz import ShapeScale, matrix_view, newton_schulz, shape_scale
 
 __all__ = ["DeepMomentum"]
@@ -170,12 +170,9 @@ class DeepMomentum(MatrixOptimizer):
 
         # Read the updated memory at the current gradient: m_{i+1}(u_i).
         out = b + torch.tanh(u @ w_in.mT) @ w_out.mT if w_in.numel() > 0 else b
-        lr = group["lr"]
         if group["orthogonalize"]:
             out = newton_schulz(out, group["ns_steps"], dtype=group["ns_dtype"])
             scale = shape_scale(p.shape, group["shape_scale"])
         else:
             scale = 1.0
-        if group["weight_decay"] != 0:
-            p.mul_(1 - lr * group["weight_decay"])
-        p.add_(out.reshape(p.shape), alpha=-lr * scale)
+        descend(p, out, group, scale)

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from ._base import MatrixOptimizer, check_ns, check_range, check_shape_scale
+from ._base import MatrixOptimizer, check_ns, descend, check_range, check_shape_scale
 from .newton_schulz import ShapeScale, matrix_view, newton_schulz, shape_scale
 
 __all__ = ["DeltaMomentum"]
@@ -116,12 +116,9 @@ class DeltaMomentum(MatrixOptimizer):
         if buf.data_ptr() != buf_state.data_ptr():  # reshape had to copy (non-contiguous state)
             buf_state.copy_(buf.reshape(buf_state.shape))
 
-        lr = group["lr"]
         if group["orthogonalize"]:
             update = newton_schulz(buf, group["ns_steps"], dtype=group["ns_dtype"])
             scale = shape_scale(p.shape, group["shape_scale"])
         else:
             update, scale = buf, 1.0
-        if group["weight_decay"] != 0:
-            p.mul_(1 - lr * group["weight_decay"])
-        p.add_(update.reshape(p.shape), alpha=-lr * scale)
+        descend(p, update, group, scale)

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Literal
 import torch
 from torch import Tensor
 
-from ._base import MatrixOptimizer, check_choice, check_ns, check_range, check_shape_scale
+from ._base import MatrixOptimizer, check_choice, check_ns, descend, check_range, check_shape_scale
 from .newton_schulz import ShapeScale, matrix_view, newton_schulz, shape_scale
 
 __all__ = ["M3"]
@@ -150,10 +150,7 @@ class M3(MatrixOptimizer):
         update = o1.add(o2, alpha=group["alpha"]) if group["alpha"] != 0 else o1
         update = update.div_((v_hat + group["eps"]).sqrt())
 
-        lr = group["lr"]
-        if group["weight_decay"] != 0:
-            p.mul_(1 - lr * group["weight_decay"])
-        p.add_(update, alpha=-lr * shape_scale(p.shape, group["shape_scale"]))
+        descend(p, update, group, shape_scale(p.shape, group["shape_scale"]))
 
         # Slow memory: the chunk's gradients are summed and absorbed once the chunk is complete.
         chunk_sum.add_(grad)

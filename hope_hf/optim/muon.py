@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from ._base import MatrixOptimizer, check_ns, check_range, check_shape_scale
+from ._base import MatrixOptimizer, check_ns, descend, check_range, check_shape_scale
 from .newton_schulz import ShapeScale, matrix_view, newton_schulz, shape_scale
 
 __all__ = ["Muon"]
@@ -96,7 +96,4 @@ class Muon(MatrixOptimizer):
         buf.mul_(momentum).add_(grad)
         update = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
         ortho = newton_schulz(matrix_view(update), group["ns_steps"], dtype=group["ns_dtype"])
-        lr = group["lr"]
-        if group["weight_decay"] != 0:
-            p.mul_(1 - lr * group["weight_decay"])
-        p.add_(ortho.reshape(p.shape), alpha=-lr * shape_scale(p.shape, group["shape_scale"]))
+        descend(p, ortho, group, shape_scale(p.shape, group["shape_scale"]))
