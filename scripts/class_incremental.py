@@ -101,6 +101,7 @@ from hope_hf.adapters.class_incremental import (
     split_classes_into_tasks,
 )
 from hope_hf.optim import MultiFrequency, build_multi_frequency_groups, hope_cms_periods
+from hope_hf.training import bf16_is_fast
 
 METHODS = ("icl", "inca", "finetune", "ewc", "hope")
 DEFAULT_METHODS = "icl,inca,finetune,ewc,hope,finetune@ctx,hope@noctx"
@@ -918,7 +919,8 @@ def parse_args(argv=None):
                         help="InCA: shrinkage of the shared covariance towards a scaled identity (1 = Euclidean)")
     parser.add_argument("--inca-layer", type=int, default=15,
                         help="InCA: hidden_states index whose token mean is the embedding (-1: last layer)")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="disable bf16 autocast")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast (default: on where the CPU has a native bf16 unit, `bf16_is_fast`)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="the first seed")
     parser.add_argument("--seeds", type=int, default=3,
@@ -940,6 +942,8 @@ def parse_args(argv=None):
     if args.seeds < 1 or args.test_per_class < 1 or args.inca_top_k < 1:
         parser.error("--seeds, --test-per-class and --inca-top-k must be positive")
     args.tuned_on = parse_tuned_on(args.tuned_on)
+    if args.bf16 is None:  # recorded as resolved, so that --merge / --resume compare like with like
+        args.bf16 = bf16_is_fast("cpu")
     args.fill_multiple = math.lcm(*args.cms_chunk_sizes, args.memory_chunk)
     args.methods = [m for m in args.methods.split(",") if m]
     for spec in args.methods:

@@ -275,3 +275,30 @@ def test_synthetic_formal_sweep_picks_the_lr_on_training_lengths(tmp_path):
         assert row["acc_longer_seeds"] == [r["acc_longer"] for r in chosen]
     for stem in ("formal_parity_sweep.csv", "formal_parity_steps.png", "formal_parity_clock.png", "formal.png"):
         assert (tmp_path / stem).stat().st_size > 0, stem
+
+
+@pytest.mark.parametrize("flags, expected", [({"fpu", "avx2", "fma"}, False), ({"avx2", "avx512f"}, False),
+                                             ({"avx512f", "avx512_bf16"}, True), ({"amx_tile", "amx_bf16"}, True),
+                                             (set(), False)])
+def test_bf16_is_fast_only_with_a_native_bf16_unit(monkeypatch, flags, expected):
+    import hope_hf.training as training
+
+    monkeypatch.setattr(training, "_cpu_flags", lambda: flags)
+    assert training.bf16_is_fast("cpu") is expected
+    assert training.bf16_is_fast("meta") is False
+
+
+def test_bf16_flags_default_to_what_the_hardware_does_fast(monkeypatch):
+    """The quickstart and class-incremental `--bf16` flags: unset -> `bf16_is_fast`, recorded as a bool;
+    `--bf16` / `--no-bf16` override it."""
+    import hope_hf.training as training
+    from hope_hf.quickstart import build_parser
+
+    assert build_parser().parse_args([]).bf16 is None  # resolved in main() (CUDA or CPU)
+    assert build_parser().parse_args(["--no-bf16"]).bf16 is False
+    ci = load_script("class_incremental")
+    for flags, expected in [({"avx2"}, False), ({"amx_bf16"}, True)]:
+        monkeypatch.setattr(training, "_cpu_flags", lambda flags=flags: flags)
+        assert ci.parse_args(["--dataset", "clinc"]).bf16 is expected
+        assert ci.parse_args(["--dataset", "clinc", "--bf16"]).bf16 is True
+        assert ci.parse_args(["--dataset", "clinc", "--no-bf16"]).bf16 is False
