@@ -11,3 +11,8 @@ for s in 0 1; do
      --out $D/split_count_seed$s.json > $D/split_count_seed$s.log 2>&1
 done
 touch $D/done
+# the per-head output norm removed (the second hunk of patch.diff)
+for s in 0 1; do
+  HOPE_NO_ONORM=1 python results/diagnostics/anbn_errors_by_kind.py --seed $s --models HOPE \
+     --out $D/no_onorm_seed$s.json > $D/no_onorm_seed$s.log 2>&1
+done
