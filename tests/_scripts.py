@@ -43,12 +43,20 @@ def write_corpus(folder: Path, chars: int = 40_000) -> Path:
 
 def run_without_hope_hf(script: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run `script` in a fresh `python -S` process where hope_hf is NOT importable (site-packages only,
-    no editable-install hooks, offline Hub), and assert that inside the script."""
+    no editable-install hooks, offline Hub), and assert that inside the script.
+
+    The child uses this process's torch thread count: a float32 product split over another number of
+    threads may round differently (seen on a CI machine), and the scripts compare against logits computed
+    here."""
+    import torch
+
     guard = textwrap.dedent(f"""
         import sys
         sys.path = [p for p in sys.path if p not in ("", {os.getcwd()!r}, {str(REPO)!r})]
         import importlib.util
         assert importlib.util.find_spec("hope_hf") is None, "hope_hf must not be importable here"
+        import torch
+        torch.set_num_threads({torch.get_num_threads()})
     """)
     site = [p for p in sys.path if p.endswith("site-packages")]
     code = f"import sys; sys.path.extend({site!r});\n" + guard + textwrap.dedent(script)

@@ -7,6 +7,14 @@ MIXERS = ["self_modifying", "titans", "attention"]
 MEMORY_TYPES = ["deep", "linear"]
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Tests that pin torch to one thread must not change the thread count of the tests after them."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(**overrides) -> HopeConfig:
     """A tiny model with short chunks so that every update path fires within ~20 tokens."""
     kwargs = dict(
