@@ -65,7 +65,7 @@ def rates(mixer, weights: dict, a: torch.Tensor, act: str) -> tuple:
 def drift(model: HopeForCausalLM, batch: dict) -> list:
     """Per layer: how the projections read by the last chunk's tokens differ between the memories' initial state
     and their chunk-start state in that chunk (see the module docstring). Tokens whose feature `a` is zero (filler
-    tokens whose conv window holds only the zero embedding of the pad id) are left out."""
+    tokens whose conv window holds only the zero embedding of the pad id: below 1e-4 of the largest) are left out."""
     inputs = {}
     hooks = [layer.mixer.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
              for i, layer in enumerate(model.model.layers)]
@@ -75,7 +75,8 @@ def drift(model: HopeForCausalLM, batch: dict) -> list:
     config, length = model.config, batch["input_ids"].shape[1]
     key_start = (length - 1) // config.chunk_size * config.chunk_size
     mem_start = (length - 1) // config.memory_chunk_size * config.memory_chunk_size
-    initial, at_key_start, at_mem_start = (memories_after(model, batch, n) for n in (0, key_start, mem_start))
+    states = {n: memories_after(model, batch, n) for n in {0, key_start, mem_start}}  # one forward per distinct start
+    initial, at_key_start, at_mem_start = states[0], states[key_start], states[mem_start]
     act, eps = config.memory_activation, config.norm_eps
     rows = []
     for i, layer in enumerate(model.model.layers):
@@ -83,17 +84,17 @@ def drift(model: HopeForCausalLM, batch: dict) -> list:
         a, q = mixer.features(inputs[i], LayerState(), batch["attention_mask"].bool())
         a = mixer.split_heads(a).transpose(1, 2)  # [B, H, T, D]
         norms = a.norm(dim=-1)
-        live = norms > 1e-4 * norms.max()  # [B, H, T]
+        live = (norms > 1e-4 * norms.max())[..., key_start:]  # [B, H, T_last]
         a_last = a[:, :, key_start:]
         k0 = memory_read(initial[i]["k"], a_last, act)  # the key before its l2 normalisation
         k1 = memory_read(at_key_start[i]["k"], a_last, act)
-        cos = ((k0 * k1).sum(-1) / (k0.norm(dim=-1) * k1.norm(dim=-1)).clamp_min(1e-30))[live[..., key_start:]]
+        cos = ((k0 * k1).sum(-1) / (k0.norm(dim=-1) * k1.norm(dim=-1)).clamp_min(1e-30))[live]
         v0 = memory_read(initial[i]["v"], a_last, act)
         v1 = memory_read(at_key_start[i]["v"], a_last, act)
-        v_change = ((v1 - v0).norm(dim=-1) / v0.norm(dim=-1).clamp_min(eps))[live[..., key_start:]]
+        v_change = ((v1 - v0).norm(dim=-1) / v0.norm(dim=-1).clamp_min(eps))[live]
         eta0, alpha0 = rates(mixer, initial[i], a_last, act)
         eta1, alpha1 = rates(mixer, at_key_start[i], a_last, act)
-        row = {"layer": i, "tokens": int(live[..., key_start:].sum()), "key_drift": round(float((1 - cos).mean()), 4),
+        row = {"layer": i, "tokens": int(live.sum()), "key_drift": round(float((1 - cos).mean()), 4),
                "value_change": round(float(v_change.mean()), 4), "eta (initial -> drifted)": [round(eta0, 4), round(eta1, 4)],
                "alpha (initial -> drifted)": [round(alpha0, 5), round(alpha1, 5)]}
         if "W2" in initial[i]["mem"]:
