@@ -37,7 +37,7 @@ from hope_hf.data.synthetic import FILLER_ID  # noqa: E402
 from hope_hf.experiments import evaluate_accuracy, train_model  # noqa: E402
 from hope_hf.models.hope.cache_hope import LayerState  # noqa: E402
 from hope_hf.models.hope.modeling_hope import HopeForCausalLM  # noqa: E402
-from hope_hf.models.hope.primitives import activation, memory_read  # noqa: E402
+from hope_hf.models.hope.primitives import activation, memory_read, readout_rates  # noqa: E402
 import synthetic  # noqa: E402  (scripts/synthetic.py: the suite's parser, config and budget)
 
 
@@ -55,10 +55,10 @@ def memories_after(model: HopeForCausalLM, batch: dict, length: int) -> list:
 
 def rates(mixer, weights: dict, a: torch.Tensor, act: str) -> tuple:
     """Mean eta_t and alpha_t (paper Eq. 86-87) that the rate memories of `weights` give the features a [B, H, T, D]."""
-    config = mixer.config
-    eta_in = (memory_read(weights["eta"], a, act) * mixer.eta_readout[:, None]).sum(-1) + mixer.eta_bias[:, None]
-    alpha_in = (memory_read(weights["alpha"], a, act) * mixer.alpha_readout[:, None]).sum(-1) + mixer.alpha_bias[:, None]
-    return float((config.eta_max * torch.sigmoid(eta_in)).mean()), float(torch.sigmoid(alpha_in).mean())
+    eta, alpha = readout_rates(memory_read(weights["eta"], a, act), memory_read(weights["alpha"], a, act),
+                               mixer.eta_readout, mixer.eta_bias, mixer.alpha_readout, mixer.alpha_bias,
+                               mixer.config.eta_max)
+    return float(eta.mean()), float(alpha.mean())
 
 
 @torch.no_grad()

@@ -8,7 +8,6 @@ Prints the largest |state| and |logit| and whether they are finite.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python results/diagnostics/step_bound_stability.py
 """
-import sys
 
 import torch
 

@@ -29,7 +29,7 @@ from .chunk_grid import ChunkGrid, in_state_precision, masked_rates, scan_chunks
 from .dgd_fla import fla_dgd_chunk, use_fla
 from .dgd_naive import dgd_step
 from .primitives import (MemoryRule, Weights, activation, dgd_terms, flush_subnormals, l2norm, linear_dgd_terms,
-                         memory_read)
+                         memory_read, readout_rates)
 
 PROJECTION_MEMORIES = ("k", "v", "eta", "alpha")
 
@@ -394,8 +394,8 @@ def self_modifying_titans_chunk(
         reads = reads.view(batch, copies, heads, *reads.shape[1:])  # [B, 4, H, C, D]
         k_c = l2norm(reads[:, 0], rule.eps)  # [B, H, C, D]
         v_unit = l2norm(reads[:, 1], rule.eps)  # the self-generated targets read unit values (docs/design.md §8)
-        eta_c = eta_max * torch.sigmoid((reads[:, 2] * eta_readout[:, None]).sum(-1) + eta_bias[:, None])  # [B, H, C]
-        alpha_c = torch.sigmoid((reads[:, 3] * alpha_readout[:, None]).sum(-1) + alpha_bias[:, None])
+        eta_c, alpha_c = readout_rates(reads[:, 2], reads[:, 3], eta_readout, eta_bias, alpha_readout, alpha_bias,
+                                       eta_max)  # [B, H, C]
         if rule.updates:
             # the self-generated values, [B*4*H, C, D] (a linear memory under "token" re-reads them per token)
             targets = None if rule.gradient_at_current(start) else memory_read(start, per_memory(v_unit), rule.activation)
@@ -443,8 +443,8 @@ def _self_modifying_token(a, q, state: Dict[str, MemoryState], seen, mask, eta_r
     a_t, q_t = a.transpose(1, 2).unsqueeze(1), q.transpose(1, 2)  # [B, 1, H, 1, D], [B, H, 1, D]
     reads = memory_read({w: t[:, :4] for w, t in start.items()}, a_t, act)  # [B, 4, H, 1, D]
     key, v_unit = l2norm(reads[:, 0], rule.eps), l2norm(reads[:, 1], rule.eps)  # [B, H, 1, D]
-    eta = eta_max * torch.sigmoid((reads[:, 2] * eta_readout[:, None]).sum(-1) + eta_bias[:, None])  # [B, H, 1]
-    alpha = torch.sigmoid((reads[:, 3] * alpha_readout[:, None]).sum(-1) + alpha_bias[:, None])
+    eta, alpha = readout_rates(reads[:, 2], reads[:, 3], eta_readout, eta_bias, alpha_readout, alpha_bias,
+                               eta_max)  # [B, H, 1]
     read_at = current if rule.memory_read == "token" else start
     o = memory_read({w: t[:, 4] for w, t in read_at.items()}, q_t, act)  # [B, H, 1, D]
     # the state every memory's inner gradient and self-generated value are taken at

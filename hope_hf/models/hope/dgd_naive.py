@@ -19,7 +19,7 @@ import torch
 
 from .cache_hope import MemoryState
 from .chunk_grid import select_where
-from .primitives import MemoryRule, Weights, dgd_terms, flush_subnormals, l2norm, memory_read
+from .primitives import MemoryRule, Weights, dgd_terms, flush_subnormals, l2norm, memory_read, readout_rates
 
 
 def dgd_step(current: Weights, terms: Dict[str, Tuple[torch.Tensor, torch.Tensor]], eta: torch.Tensor,
@@ -101,8 +101,8 @@ def self_modifying_titans_naive(
         start = {name: memory.start for name, memory in state.items()}
         k_t = l2norm(_read(start["k"], a_t, rule.activation), rule.eps)
         v_t = _read(start["v"], a_t, rule.activation)
-        eta_t = eta_max * torch.sigmoid((_read(start["eta"], a_t, rule.activation) * eta_readout).sum(-1) + eta_bias)
-        alpha_t = torch.sigmoid((_read(start["alpha"], a_t, rule.activation) * alpha_readout).sum(-1) + alpha_bias)
+        eta_t, alpha_t = readout_rates(_read(start["eta"], a_t, rule.activation), _read(start["alpha"], a_t, rule.activation),
+                                       eta_readout, eta_bias, alpha_readout, alpha_bias, eta_max)
         read_state = state["mem"].current if rule.memory_read == "token" else start["mem"]
         outputs.append(_read(read_state, q_t, rule.activation))
         if not rule.updates:

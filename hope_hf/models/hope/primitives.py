@@ -120,6 +120,18 @@ def memory_read(state: Weights, z: torch.Tensor, act: str) -> torch.Tensor:
     return z + hidden @ state["W1"].transpose(-1, -2)
 
 
+def readout_rates(eta_read: torch.Tensor, alpha_read: torch.Tensor, eta_readout: torch.Tensor, eta_bias: torch.Tensor,
+                  alpha_readout: torch.Tensor, alpha_bias: torch.Tensor, eta_max: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The DGD rates of the self-modifying mixer (paper Eq. 86-87): `eta = eta_max sigmoid(<M_eta(a), w_eta> + b_eta)`,
+    `alpha = sigmoid(<M_alpha(a), w_alpha> + b_alpha)`. Reads [B, H, ..., D] (one token or a chunk of them); readouts
+    [H, D] and biases [H] broadcast over the dims between H and D. Returns eta, alpha: [B, H, ...]."""
+    between = (1,) * (eta_read.dim() - 3)
+    heads, dim = eta_readout.shape
+    eta = eta_max * torch.sigmoid((eta_read * eta_readout.view(heads, *between, dim)).sum(-1) + eta_bias.view(heads, *between))
+    alpha = torch.sigmoid((alpha_read * alpha_readout.view(heads, *between, dim)).sum(-1) + alpha_bias.view(heads, *between))
+    return eta, alpha
+
+
 def gradient_factors(state: Weights, key: torch.Tensor, target: torch.Tensor, act: str) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """The gradient of `1/2 ||M[S](key) - target||^2` with respect to each weight is rank-1 per token,
     `e u^T`: returns name -> (output factor e [..., C, O], layer input u [..., C, I]); `u` is `key` for
