@@ -59,9 +59,9 @@ RECURRENCE_TOLERANCE = 1e-4  # relative gap allowed between the two end states (
 
 
 # --- one cell, in a child process ----------------------------------------------------------------
-def build_model(row: str, size: Dict[str, int], compile: bool = False):
+def build_model(row: str, size: Dict[str, int], compile: bool = False, **hope_overrides):
     """One bench row's model; `compile` turns on `compile_chunks` and `compile_decoding` for every HOPE row
-    (`hope-compiled` always has them)."""
+    (`hope-compiled` always has them); `hope_overrides` are further `HopeConfig` values for the HOPE rows."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -71,7 +71,7 @@ def build_model(row: str, size: Dict[str, int], compile: bool = False):
     d, layers, heads, vocab = size["d"], size["layers"], size["heads"], size["vocab"]
     compiled = compile or row == "hope-compiled"
     hope_kwargs = dict(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_heads=heads,
-                       compile_chunks=compiled, compile_decoding=compiled)
+                       compile_chunks=compiled, compile_decoding=compiled, **hope_overrides)
     if row == "llama":
         intermediate = HopeConfig(**hope_kwargs).cms_hidden_size  # the same SwiGLU width as one CMS level
         config = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=intermediate,

@@ -88,7 +88,7 @@ def profile_cell(row: str, task: str, size: Dict[str, int]) -> dict:
     matmul_ms = sum(o["self_ms"] for o in ops if o["name"] in MATMUL_OPS)
     config = model.config
     chunk = getattr(config, "chunk_size", None)
-    chunks = length // chunk if (kind == "train" and chunk) else None
+    chunks = -(-length // chunk) if (kind == "train" and chunk) else None  # a last partial chunk counts
     calls = sum(top_counts.values())
     return {
         "row": row, "task": task, "params": sum(p.numel() for p in model.parameters()),

@@ -58,11 +58,6 @@ from ..models.hope.modeling_hope import (
 ADAPTER_CONFIG_NAME = "hope_adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "hope_adapter.safetensors"
 _FORMAT = "hope-adapter-v3"
-# What older formats' modules computed with, for the HopeConfig fields that did not exist when they were
-# written; loading puts these values under the saved `hope_kwargs`. v1 was written before
-# `HopeConfig.memory_read` (`LEGACY_DEFAULTS`), v2 before `HopeConfig.linear_gradient`.
-_LEGACY_FORMATS = {"hope-adapter-v1": LEGACY_DEFAULTS, "hope-adapter-v2": {"linear_gradient": "chunk"}}
-
 # HopeConfig fields that the adapter sets itself (from the base model or its own fields): they
 # may not appear in `HopeAdapterConfig.hope_kwargs`.
 _MANAGED_HOPE_FIELDS = (
@@ -70,6 +65,14 @@ _MANAGED_HOPE_FIELDS = (
     "memory_hidden_size", "chunk_size", "memory_chunk_size", "cms_chunk_sizes",
     "cms_intermediate_size", "cms_variant", "rms_norm_eps", "initializer_range",
 )
+# What older formats' modules computed with, for the HopeConfig fields that did not exist when they were
+# written; loading puts these values under the saved `hope_kwargs`. v1 was written before
+# `HopeConfig.memory_read` (`LEGACY_DEFAULTS`, less the fields the adapter config saves itself, such as
+# `chunk_size`), v2 before `HopeConfig.linear_gradient`.
+_LEGACY_FORMATS = {
+    "hope-adapter-v1": {k: v for k, v in LEGACY_DEFAULTS.items() if k not in _MANAGED_HOPE_FIELDS},
+    "hope-adapter-v2": {"linear_gradient": "chunk"},
+}
 
 
 def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
