@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import build_model, parse_size  # noqa: E402
+from bench_speed import _cpu_name, build_model, parse_size  # noqa: E402
 
 
 def train_step_seconds(model, ids: torch.Tensor, optimizer) -> float:
@@ -33,12 +33,13 @@ def train_step_seconds(model, ids: torch.Tensor, optimizer) -> float:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--size", default="", help="e.g. d=256,layers=4,heads=4,vocab=8192 (the default)")
     parser.add_argument("--length", type=int, default=2048, help="tokens per training sequence")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
     parser.add_argument("--out", default="runs/bench_chunk_sizes")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    size = parse_size("")
+    size = parse_size(args.size)
     rows = {"llama": build_model("llama", size)}
     for chunk_size in args.chunk_sizes:
         rows[f"hope chunk_size {chunk_size}"] = build_model("hope", size, chunk_size=chunk_size)
@@ -57,16 +58,9 @@ def main(argv=None) -> dict:
         print(f"| {name} | {row['tokens_per_s']:,.0f} | {row['tokens_per_s'] / llama:.2f}x |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"command": " ".join(sys.argv), "size": size, "length": args.length, "cpu": _cpu(), "rows": table}
+    result = {"command": " ".join(sys.argv), "size": size, "length": args.length, "cpu": _cpu_name(), "rows": table}
     (out / "bench_chunk_sizes.json").write_text(json.dumps(result, indent=2))
     return result
-
-
-def _cpu() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

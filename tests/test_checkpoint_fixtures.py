@@ -58,4 +58,5 @@ def test_legacy_defaults_apply_only_to_configs_saved_without_the_field(tmp_path)
     new.save_pretrained(tmp_path)
     assert HopeConfig.from_pretrained(tmp_path).to_dict() == new.to_dict()  # saved explicitly, kept
     # chunk_size's default moved from 16 to 64 (docs/design.md §8.21): a config without it computes as before
-    assert new.chunk_size == 64 and HopeConfig.from_dict({"vocab_size": 61}).chunk_size == LEGACY_DEFAULTS["chunk_size"] == 16
+    assert new.chunk_size == 64
+    assert HopeConfig.from_dict({"vocab_size": 61}).chunk_size == LEGACY_DEFAULTS["chunk_size"] == 16

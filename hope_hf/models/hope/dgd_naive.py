@@ -101,7 +101,8 @@ def self_modifying_titans_naive(
         start = {name: memory.start for name, memory in state.items()}
         k_t = l2norm(_read(start["k"], a_t, rule.activation), rule.eps)
         v_t = _read(start["v"], a_t, rule.activation)
-        eta_t, alpha_t = readout_rates(_read(start["eta"], a_t, rule.activation), _read(start["alpha"], a_t, rule.activation),
+        eta_t, alpha_t = readout_rates(_read(start["eta"], a_t, rule.activation),
+                                       _read(start["alpha"], a_t, rule.activation),
                                        eta_readout, eta_bias, alpha_readout, alpha_bias, eta_max)
         read_state = state["mem"].current if rule.memory_read == "token" else start["mem"]
         outputs.append(_read(read_state, q_t, rule.activation))

@@ -121,15 +121,19 @@ def memory_read(state: Weights, z: torch.Tensor, act: str) -> torch.Tensor:
 
 
 def readout_rates(eta_read: torch.Tensor, alpha_read: torch.Tensor, eta_readout: torch.Tensor, eta_bias: torch.Tensor,
-                  alpha_readout: torch.Tensor, alpha_bias: torch.Tensor, eta_max: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                  alpha_readout: torch.Tensor, alpha_bias: torch.Tensor,
+                  eta_max: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """The DGD rates of the self-modifying mixer (paper Eq. 86-87): `eta = eta_max sigmoid(<M_eta(a), w_eta> + b_eta)`,
     `alpha = sigmoid(<M_alpha(a), w_alpha> + b_alpha)`. Reads [B, H, ..., D] (one token or a chunk of them); readouts
     [H, D] and biases [H] broadcast over the dims between H and D. Returns eta, alpha: [B, H, ...]."""
     between = (1,) * (eta_read.dim() - 3)
     heads, dim = eta_readout.shape
-    eta = eta_max * torch.sigmoid((eta_read * eta_readout.view(heads, *between, dim)).sum(-1) + eta_bias.view(heads, *between))
-    alpha = torch.sigmoid((alpha_read * alpha_readout.view(heads, *between, dim)).sum(-1) + alpha_bias.view(heads, *between))
-    return eta, alpha
+
+    def logit(read: torch.Tensor, readout: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return (read * readout.view(heads, *between, dim)).sum(-1) + bias.view(heads, *between)
+
+    eta = eta_max * torch.sigmoid(logit(eta_read, eta_readout, eta_bias))
+    return eta, torch.sigmoid(logit(alpha_read, alpha_readout, alpha_bias))
 
 
 def gradient_factors(state: Weights, key: torch.Tensor, target: torch.Tensor, act: str) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
