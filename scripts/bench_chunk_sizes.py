@@ -12,22 +12,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import _cpu_name, build_model, parse_size  # noqa: E402
-
-
-def train_step_seconds(model, ids: torch.Tensor, optimizer) -> float:
-    start = time.perf_counter()
-    model(input_ids=ids, labels=ids).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+from bench_speed import _cpu_name, build_model, parse_size, train_step_seconds  # noqa: E402
 
 
 def main(argv=None) -> dict:

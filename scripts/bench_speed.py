@@ -110,6 +110,19 @@ def matched_cms_width(size: Dict[str, int]) -> int:
     return best[1]
 
 
+def train_step_seconds(model, ids, optimizer, bf16: bool = False) -> float:
+    """Seconds of one training step on `ids` [B, T]: forward (under bf16 autocast if asked), backward, optimizer."""
+    import torch
+
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
 def run_cell(cell: dict) -> dict:
     import torch
 
@@ -132,13 +145,7 @@ def run_cell(cell: dict) -> dict:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         ids = torch.randint(0, vocab, (1, length), generator=gen)
         for step in range(repeats + 1):
-            start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - start)
+            times.append(train_step_seconds(model, ids, optimizer, bf16=dtype == "bf16"))
         result["warmup_s"], times = times[0], times[1:]
         result["tokens_per_s"] = [length / t for t in times]
         # Counted after the timed steps: a first call under FlopCounterMode (a dispatch mode) makes
