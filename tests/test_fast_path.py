@@ -534,24 +534,32 @@ def test_compiled_chunks_prefill_with_padding_equals_eager():
 
 
 def test_compiled_decoding_equals_eager():
-    """`compile_decoding=True` (torch.compile of the single-token step) gives the eager step's logits and
-    states (float32, 1e-5), across a chunk boundary of every memory."""
-    kwargs = dict(chunk_size=2, memory_chunk_size=3, cms_chunk_sizes=[2, None])
+    """`compile_decoding=True` (torch.compile of each block's single-token step) gives the eager step's
+    logits and states (float32, 1e-5), across chunk boundaries of every memory and CMS level (two
+    dynamic levels, samples out of phase, a padding token mid-stream), in one graph: no graph break."""
+    from torch._dynamo.utils import counters
+
+    kwargs = dict(chunk_size=2, memory_chunk_size=3, cms_chunk_sizes=[2, 3, None])
     eager, compiled = tiny_model(seed=4, **kwargs), tiny_model(seed=4, compile_decoding=True, **kwargs)
-    ids = torch.randint(3, 61, (2, 9), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(3, 61, (2, 10), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 0] = 0  # sample 1 is one token behind sample 0 on every chunk grid
+    mask[0, 6] = 0  # and a padding token while decoding
     caches, logits = {}, {}
+    breaks_before = sum(counters["graph_break"].values())
     with torch.no_grad():
         for name, model in (("eager", eager), ("compiled", compiled)):
-            cache = output_cache(model(ids[:, :3], use_cache=True))
+            cache = output_cache(model(ids[:, :3], attention_mask=mask[:, :3], use_cache=True))
             steps = []
             for t in range(3, ids.shape[1]):
-                out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+                out = model(ids[:, t:t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
                 cache = output_cache(out)
                 steps.append(out.logits)
             caches[name], logits[name] = cache, torch.cat(steps, dim=1)
-    torch.testing.assert_close(logits["compiled"], logits["eager"], atol=1e-5, rtol=1e-5)
-    from torch._dynamo.utils import counters
+    real = mask[:, 3:].bool()
+    torch.testing.assert_close(logits["compiled"][real], logits["eager"][real], atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] > 0  # the step was compiled, not run eagerly
+    assert sum(counters["graph_break"].values()) == breaks_before, dict(counters["graph_break"])
     a, b = flat_state(caches["eager"]), flat_state(caches["compiled"])
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-5, msg=name)

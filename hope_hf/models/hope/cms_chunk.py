@@ -87,18 +87,25 @@ def cms_chunk(
     chunk_size: int,
     updates: bool,
     recompute_above: int = 16,
+    defer_chunk_end: bool = False,
 ) -> Tuple[torch.Tensor, CMSState]:
     """Chunk-parallel `cms_naive.cms_naive` (same arguments and results). `recompute_above`: training
-    over more chunks than this keeps the fast weights only every ~sqrt(#chunks) chunks."""
+    over more chunks than this keeps the fast weights only every ~sqrt(#chunks) chunks.
+    `defer_chunk_end` (one token per sample): buffer the token but leave the update of a chunk it
+    completes to `complete_chunk` (the token's output reads the chunk-start weights either way); the
+    compiled decoding step uses it, since only a host read can tell whether a chunk ends."""
     batch = n.shape[0]
     theta, num_updates = state.theta, state.num_updates
     buffer = state.buffer if state.buffer is not None else n.new_zeros(batch, chunk_size, n.shape[-1])
     weights = [theta[k] for k in SWIGLU_NAMES]
     if not updates:
         return SwiGLUPass(weights, n).out, CMSState(theta, buffer, num_updates)
-    grid = ChunkGrid(seen, mask, chunk_size)
     if n.shape[1] == 1:
-        return _cms_token(n, state, buffer, seen, mask, value_weight, eta, alpha, grid)
+        out, state = _cms_token(n, CMSState(theta, buffer, num_updates), seen, mask)
+        if not defer_chunk_end:
+            state = complete_chunk(state, seen, mask, value_weight, eta, alpha)
+        return out, state
+    grid = ChunkGrid(seen, mask, chunk_size)
     frame = Frame(grid, n, buffer, seen, mask)
     if grid.uniform and torch.is_grad_enabled():
         target = apply_weight(frame.x, value_weight)
@@ -130,23 +137,31 @@ def cms_chunk(
     return y.to(n.dtype), CMSState(theta, frame.next_buffer(chunk_size), num_updates)
 
 
-def _cms_token(n, state: CMSState, buffer, seen, mask, value_weight, eta, alpha, grid: ChunkGrid) -> Tuple[torch.Tensor, CMSState]:
-    """One token per sample (decoding): read, buffer the input, and for the samples whose chunk
-    it completes, take the chunk's gradient from the buffer and update."""
+def _cms_token(n: torch.Tensor, state: CMSState, seen: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, CMSState]:
+    """One token per sample (decoding): read at the chunk-start weights and buffer the input (no
+    host reads). n: [B, 1, d]; the state's buffer [B, C, d] is allocated."""
+    buffer = state.buffer
     chunk_size = buffer.shape[1]
-    theta, num_updates = state.theta, state.num_updates
-    weights = [theta[k] for k in SWIGLU_NAMES]
-    out = SwiGLUPass(weights, n).out
+    out = SwiGLUPass([state.theta[k] for k in SWIGLU_NAMES], n).out
     slot = (seen % chunk_size)[:, None] == torch.arange(chunk_size, device=n.device)[None, :]  # [B, C]
     write = slot & mask[:, :1]
-    buffer = torch.where(write[..., None], n.to(buffer.dtype), buffer)
-    completes = grid.completes[0]
-    if completes is not False:
-        chunk = SwiGLUPass(weights, buffer, apply_weight(buffer, value_weight.to(buffer.dtype)))
-        theta = select_where(completes, dict(zip(SWIGLU_NAMES, chunk.step(weights, eta, alpha))), theta)
-        buffer = torch.zeros_like(buffer) if completes is True else buffer * (~completes).view(-1, 1, 1)
-        num_updates = num_updates + (1 if completes is True else completes.long())
-    return out, CMSState(theta, buffer, num_updates)
+    return out, CMSState(state.theta, torch.where(write[..., None], n.to(buffer.dtype), buffer), state.num_updates)
+
+
+def complete_chunk(state: CMSState, seen: torch.Tensor, mask: torch.Tensor, value_weight: torch.Tensor,
+                   eta: torch.Tensor, alpha: torch.Tensor) -> CMSState:
+    """After one token per sample (`seen`: [B] real tokens before it, `mask`: [B, 1]) has been buffered:
+    for the samples whose chunk it completed, the chunk's update from the buffer, and an empty buffer."""
+    buffer = state.buffer
+    completes = ((seen + 1) % buffer.shape[1] == 0) & mask[:, 0]  # [B]
+    if not bool(completes.any()):  # most tokens complete no chunk
+        return state
+    completes = True if bool(completes.all()) else completes
+    weights = [state.theta[k] for k in SWIGLU_NAMES]
+    chunk = SwiGLUPass(weights, buffer, apply_weight(buffer, value_weight.to(buffer.dtype)))
+    theta = select_where(completes, dict(zip(SWIGLU_NAMES, chunk.step(weights, eta, alpha))), state.theta)
+    buffer = torch.zeros_like(buffer) if completes is True else buffer * (~completes).view(-1, 1, 1)
+    return CMSState(theta, buffer, state.num_updates + (1 if completes is True else completes.long()))
 
 
 # --- the hand-derived backward ---------------------------------------------------------------------

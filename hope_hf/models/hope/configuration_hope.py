@@ -132,10 +132,10 @@ class HopeConfig(PretrainedConfig):
         cms_recompute_threshold: Training memory of a CMS level's hand-written backward on aligned
             batches: above this many chunks its fast weights are kept only every ~sqrt(#chunks)
             chunks and recomputed inside a block; results are identical.
-        compile_decoding: Run the single-token (decoding) step of the self-modifying mixer through
-            `torch.compile` (inductor). The first decoding call of a process compiles it (~30 s for
-            the default d=256 model on a CPU core); after that a token costs ~25% less (24.5 -> 18.7
-            ms, d=256, 4 layers, 1 thread). Results equal the eager step within float rounding.
+        compile_decoding: Run each block's single-token (decoding) step through `torch.compile`
+            (inductor), one graph per block (self-modifying mixer, chunked scans; docs/design.md
+            §4.7). The first decoding call of a process compiles it (~40 s for the default d=256
+            model on a CPU core). Results equal the eager step within float rounding.
         compile_chunks: Run the chunked path's per-chunk step of every in-context memory (training and
             prefill) through `torch.compile` (inductor), forward and backward. The first call of a
             process compiles it (up to ~2 min on a CPU core, again for a new grad mode or chunk shape);

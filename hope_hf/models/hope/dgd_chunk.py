@@ -18,7 +18,6 @@ Entry points (keyword-only, like the naive twins): `self_modifying_titans_chunk`
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -325,6 +324,8 @@ def titans_chunk(
 def _stack(weights: List[Weights]) -> Weights:
     """Memories with the same chunk size, stacked on dim 1: weight [B, X, H, O, I]. Weights that
     `_unstack` made (views of one stacked tensor, as kept in a cache between calls) are not copied."""
+    if torch.compiler.is_compiling():  # in a compiled step the copy fuses; `_base` is not traced
+        return {w: torch.stack([memory[w] for memory in weights], dim=1) for w in weights[0]}
     stacked = {}
     for w in weights[0]:
         parts = [memory[w] for memory in weights]
@@ -368,9 +369,8 @@ def self_modifying_titans_chunk(
     token; then the main memory (chunk `C_mem`) reads and learns from them. One token per sample
     (decoding) takes `_self_modifying_token`: the five memories' steps at once."""
     if a.shape[1] == 1 and rule.updates:
-        token_step = _compiled_token_step() if rule.compile_decoding else _self_modifying_token
-        return token_step(a, q, state, seen, mask, eta_readout, eta_bias, alpha_readout, alpha_bias,
-                          eta_max, chunk_size, memory_chunk_size, rule)
+        return _self_modifying_token(a, q, state, seen, mask, eta_readout, eta_bias, alpha_readout, alpha_bias,
+                                     eta_max, chunk_size, memory_chunk_size, rule)
     grid = ChunkGrid(seen, mask, chunk_size)
     names = PROJECTION_MEMORIES
     dtype = _dtype_of(state["k"].current)
@@ -474,10 +474,3 @@ def _self_modifying_token(a, q, state: Dict[str, MemoryState], seen, mask, eta_r
     end = {name: MemoryState(s, c) for name, s, c in zip(names, starts, currents)}
     return o.transpose(1, 2).to(q.dtype), end
 
-
-@functools.lru_cache(maxsize=None)
-def _compiled_token_step():
-    """`_self_modifying_token` through `torch.compile` (inductor; compiled on the first call for each
-    input signature, then reused): its elementwise chains over the stacked [B, 5, H] weights fuse into
-    a few loops (`HopeConfig.compile_decoding`)."""
-    return torch.compile(_self_modifying_token, dynamic=False)

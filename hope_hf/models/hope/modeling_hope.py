@@ -12,6 +12,7 @@ the `HopeCache` when every block has run. The memories and CMS levels run throug
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import re
@@ -29,7 +30,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .cache_hope import CMSState, HopeCache, LayerState, MemoryState
-from .cms_chunk import cms_chunk
+from .cms_chunk import cms_chunk, complete_chunk
 from .cms_naive import cms_naive
 from .configuration_hope import SELF_MODIFYING_MEMORIES, HopeConfig
 from .dgd_chunk import self_modifying_titans_chunk, titans_chunk
@@ -174,6 +175,10 @@ class ShortConvolution(nn.Module):
         """x: [B, T, d]; tail: [B, window - 1, d]; mask: [B, T] -> ([B, T, d], new tail)."""
         if self.window == 1:
             return x * self.weight[:, 0], tail
+        if x.shape[1] == 1:  # decoding: no host read of the mask (it would break a compiled decoding step)
+            padded = torch.cat([tail, x], dim=1)  # [B, W, d]
+            out = (padded.unfold(1, self.window, 1) * self.weight).sum(-1)  # as below, for T = 1
+            return out, torch.where(mask[:, :1, None], padded[:, 1:], tail)
         if bool(mask.all()):
             padded = torch.cat([tail, x], dim=1)  # [B, W-1+T, d]
             windows = padded.unfold(1, self.window, 1)  # [B, T, d, W]
@@ -229,7 +234,7 @@ class HopeMemoryMixer(nn.Module):
             activation=config.memory_activation, eps=config.norm_eps, updates=config.in_context_updates,
             memory_read=config.memory_read, step_bound=config.dgd_step_bound, recompute_above=config.scan_recompute_threshold,
             use_fla=config.use_fla_kernels, fla_dtype=getattr(torch, config.fla_dtype),
-            compile_decoding=config.compile_decoding, compile_chunks=config.compile_chunks,
+            compile_chunks=config.compile_chunks,
             linear_gradient=config.linear_gradient,
         )
 
@@ -401,18 +406,33 @@ class CMSLevel(nn.Module):
             self.eta_logit = nn.Parameter(torch.zeros(()))
             self.alpha_logit = nn.Parameter(torch.zeros(()))
 
-    def forward(self, n: torch.Tensor, state: LayerState, level: int, mask: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        """n: [B, T, d] (normalised input) -> [B, T, d]; reads and replaces `state.cms[level]`."""
+    def forward(self, n: torch.Tensor, state: LayerState, level: int, mask: torch.Tensor, seen: torch.Tensor,
+                defer_chunk_end: bool = False) -> torch.Tensor:
+        """n: [B, T, d] (normalised input) -> [B, T, d]; reads and replaces `state.cms[level]`.
+        `defer_chunk_end` (one token, chunked scan): the update of a chunk the token completes is left to
+        `complete_chunk` (`cms_chunk.cms_chunk`)."""
         if self.chunk_size is None:
             return self.down_proj(F.silu(self.gate_proj(n)) * self.up_proj(n))
         dtype = state_dtype(self.gate_proj.weight.dtype)  # fast weights stay float32 for half-precision weights
-        y, state.cms[level] = SCANS[self.config.scan_implementation].cms(
+        scan = SCANS[self.config.scan_implementation].cms
+        deferred = {"defer_chunk_end": True} if defer_chunk_end else {}  # only the chunked scan takes it
+        y, state.cms[level] = scan(
             n=n.to(dtype), state=state.cms.get(level) or self.initial_state(n.shape[0], dtype, n.device), seen=seen,
-            mask=mask, value_weight=self.value_proj.weight.to(dtype), eta=F.softplus(self.eta_logit).to(dtype),
-            alpha=torch.sigmoid(self.alpha_logit).to(dtype), chunk_size=self.chunk_size,
-            updates=self.config.in_context_updates, recompute_above=self.config.cms_recompute_threshold,
+            mask=mask, **self.update_rule(dtype), chunk_size=self.chunk_size, updates=self.config.in_context_updates,
+            recompute_above=self.config.cms_recompute_threshold, **deferred,
         )
         return y.to(n.dtype)
+
+    def update_rule(self, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+        """What the level's chunk update learns with: its value map W_V^l, rate eta and retention alpha."""
+        return dict(value_weight=self.value_proj.weight.to(dtype), eta=F.softplus(self.eta_logit).to(dtype),
+                    alpha=torch.sigmoid(self.alpha_logit).to(dtype))
+
+    def complete_chunk(self, state: LayerState, level: int, mask: torch.Tensor, seen: torch.Tensor) -> None:
+        """The chunk-end update that a `defer_chunk_end` call left (a no-op for tokens that end no chunk)."""
+        if self.chunk_size is not None and self.config.in_context_updates:
+            cms = state.cms[level]
+            state.cms[level] = complete_chunk(cms, seen, mask, **self.update_rule(cms.buffer.dtype))
 
     def initial_state(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> CMSState:
         """The level before its first token: the fast weights are the parameters, the buffer empty."""
@@ -433,17 +453,23 @@ class ContinuumMemorySystem(nn.Module):
         if self.variant == "independent" and len(self.levels) > 0:
             self.level_weights = nn.Parameter(torch.ones(len(self.levels)))
 
-    def forward(self, h: torch.Tensor, state: LayerState, mask: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, state: LayerState, mask: torch.Tensor, seen: torch.Tensor,
+                defer_chunk_ends: bool = False) -> torch.Tensor:
         if self.variant == "sequential":
             for i, (norm, level) in enumerate(zip(self.norms, self.levels)):
-                h = h + level(norm(h), state, i, mask, seen)
+                h = h + level(norm(h), state, i, mask, seen, defer_chunk_ends)
             return h
         if len(self.levels) == 0:
             return h
         n = self.norms[0](h)
         for i, level in enumerate(self.levels):
-            h = h + self.level_weights[i] * level(n, state, i, mask, seen)
+            h = h + self.level_weights[i] * level(n, state, i, mask, seen, defer_chunk_ends)
         return h
+
+    def complete_chunks(self, state: LayerState, mask: torch.Tensor, seen: torch.Tensor) -> None:
+        """Every level's deferred chunk-end update (`CMSLevel.complete_chunk`)."""
+        for i, level in enumerate(self.levels):
+            level.complete_chunk(state, i, mask, seen)
 
 
 MIXER_CLASSES = {"self_modifying": SelfModifyingTitansMixer, "titans": TitansMixer, "attention": AttentionMixer}
@@ -458,14 +484,33 @@ class HopeBlock(GradientCheckpointingLayer):
         self.cms = ContinuumMemorySystem(config)
 
     def forward(
-        self, hidden_states: torch.Tensor, layer_state: LayerState, mask: torch.Tensor, seen: torch.Tensor
+        self, hidden_states: torch.Tensor, layer_state: LayerState, mask: torch.Tensor, seen: torch.Tensor,
+        defer_cms_chunk_ends: bool = False,
     ) -> Tuple[torch.Tensor, LayerState]:
         """hidden_states: [B, T, d]; layer_state: this layer's state (read, not modified);
-        mask: [B, T] bool; seen: [B]. Returns the new hidden states and the new layer state."""
+        mask: [B, T] bool; seen: [B]. Returns the new hidden states and the new layer state.
+        `defer_cms_chunk_ends`: see `CMSLevel.forward` (then call `self.cms.complete_chunks`)."""
         state = layer_state.copy()
         hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), state, mask, seen)
-        hidden_states = self.cms(hidden_states, state, mask, seen)
+        hidden_states = self.cms(hidden_states, state, mask, seen, defer_cms_chunk_ends)
         return hidden_states, state
+
+
+def _decoding_step(block: HopeBlock, hidden_states: torch.Tensor, layer_state: Dict[str, torch.Tensor],
+                   mask: torch.Tensor, seen: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """One token per sample through `block`, on a flat layer state (`LayerState.flatten`, name -> tensor)
+    and with the CMS chunk-end updates left out: free of host reads, so that it compiles to one graph."""
+    hidden_states, new_state = block(hidden_states, LayerState.unflatten(layer_state), mask, seen,
+                                     defer_cms_chunk_ends=True)
+    return hidden_states, new_state.flatten()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_decoding_step():
+    """`_decoding_step` through `torch.compile` (inductor; `HopeConfig.compile_decoding`): a block's few
+    hundred small ops (norms, conv, the five memories' stacked DGD step, the CMS reads) fuse into one
+    graph. Compiled on the first decoding call of a process for each input signature, then reused."""
+    return torch.compile(_decoding_step, dynamic=False)
 
 
 class HopePreTrainedModel(PreTrainedModel):
@@ -587,11 +632,17 @@ class HopeModel(HopePreTrainedModel):
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
         new_states = []
+        compiled_step = self.compiles_decoding and length == 1
         for i, block in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             layer_state = cache.layers[i].state if cache is not None else LayerState()
-            hidden_states, new_state = block(hidden_states, layer_state, mask, seen)
+            if compiled_step:
+                hidden_states, flat = _compiled_decoding_step()(block, hidden_states, layer_state.flatten(), mask, seen)
+                new_state = LayerState.unflatten(flat)
+                block.cms.complete_chunks(new_state, mask, seen)  # eager: most tokens end no chunk (a host read)
+            else:
+                hidden_states, new_state = block(hidden_states, layer_state, mask, seen)
             new_states.append(new_state)
         hidden_states = self.norm(touch_parameters(hidden_states, self.parameters()))
         if output_hidden_states:
@@ -608,6 +659,15 @@ class HopeModel(HopePreTrainedModel):
     def state_dtype(self) -> torch.dtype:
         """The dtype of the fast-weight state (float32 for half-precision weights)."""
         return state_dtype(self.embed_tokens.weight.dtype)
+
+    @property
+    def compiles_decoding(self) -> bool:
+        """Whether single-token calls run `_compiled_decoding_step` (`HopeConfig.compile_decoding`; the
+        self-modifying mixer with in-context updates and the chunked scans, whose decoding step has no
+        host reads)."""
+        config = self.config
+        return (config.compile_decoding and config.mixer == "self_modifying" and config.in_context_updates
+                and config.scan_implementation == "chunked")
 
 
 class StatefulGenerationMixin:

@@ -38,7 +38,6 @@ class MemoryRule:
     recompute_above: Optional[int] = None  # chunked path: recompute the scan in the backward above this many chunks
     use_fla: bool = True  # linear memories on CUDA: fla's gated-delta-rule kernel for the end state, when installed
     fla_dtype: torch.dtype = torch.bfloat16  # the dtype fla's kernel computes in (the state stays float32)
-    compile_decoding: bool = False  # run the single-token step of the self-modifying mixer through torch.compile
     compile_chunks: bool = False  # run the chunked path's per-chunk step of every memory through torch.compile
     # linear memories: "token" takes the inner gradient (and a self-generated target) at the current state
     # W_{t-1} (`linear_dgd_terms`), "chunk" at the chunk-start state like a deep memory
