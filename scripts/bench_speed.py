@@ -437,7 +437,9 @@ def median(values: Optional[List[float]]) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
-def cells_for(rows, quick: bool, contexts, reference_prefill: bool) -> List[str]:
+def cells_for(rows, quick: bool, contexts, reference_prefill: bool, only_decode: bool = False) -> Dict[str, List[str]]:
+    if only_decode:
+        return {row: [f"decode:{c}" for c in contexts] for row in rows}
     tasks = ["train:2048:fp32", "train:2048:bf16"]
     if not quick:
         tasks += ["train:8192:fp32", "train:8192:bf16"]
@@ -547,6 +549,7 @@ def main(argv=None) -> dict:
     add_cell_arguments(parser)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-loop prefill cells")
+    parser.add_argument("--only-decode", action="store_true", help="only the decode cells (and no recurrence table)")
     parser.add_argument("--compile", action="store_true",
                         help="every HOPE row with compile_chunks and compile_decoding (torch.compile; the warm-up compiles)")
     parser.add_argument("--peer", action="store_true", help="also try PyPI nested-learning==0.2.0")
@@ -590,7 +593,7 @@ def main(argv=None) -> dict:
     if "llama" not in rows:
         rows.insert(0, "llama")  # ratios need it
     contexts = [int(c) for c in args.contexts.split(",") if c]
-    plan = cells_for(rows, args.quick, contexts, not args.no_reference)
+    plan = cells_for(rows, args.quick, contexts, not args.no_reference, args.only_decode)
     results: Dict[str, Dict[str, dict]] = {row: {} for row in rows}
     # Task-major order: the rows of one column are measured one after another, so a change of
     # machine load during the run affects a ratio's two sides alike.
@@ -606,7 +609,7 @@ def main(argv=None) -> dict:
     peer = None
     if args.peer:
         peer = run_peer(results, rows, size, args, contexts)
-    recurrence = None if args.no_recurrence else run_recurrence(size, lengths, args)
+    recurrence = None if args.no_recurrence or args.only_decode else run_recurrence(size, lengths, args)
     table = format_table(results, rows, contexts)
     print(f"\nsize: {size}, threads: {_threads()}, repeats: {args.repeats}, "
           f"load average before/after: {load_before[0]:.1f}/{os.getloadavg()[0]:.1f}")
