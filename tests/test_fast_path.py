@@ -38,8 +38,9 @@ def random_config(draw_seed: int, **overrides):
         cms_chunk_sizes=pick([[2, 7, None], [3], [1, None], [4, 5]]),
         cms_variant=pick(["sequential", "independent"]),
         memory_hidden_size=pick([None, 5]),
-        memory_read=pick(["token", "chunk"]),
+        memory_read=pick(["token", "chunk", "token_output"]),
         linear_gradient=pick(["token", "chunk"]),
+        deep_output_gradient=pick(["token", "chunk"]),
     )
     kwargs.update(overrides)
     return kwargs
@@ -92,15 +93,42 @@ def test_fast_equals_reference_float32(mixer, memory_type):
 
 @pytest.mark.parametrize("mixer", ["self_modifying", "titans"])
 @pytest.mark.parametrize("memory_type", ["deep", "linear"])
-@pytest.mark.parametrize("memory_read", ["token", "chunk"])
+@pytest.mark.parametrize("memory_read", ["token", "chunk", "token_output"])
 def test_fast_equals_reference_both_reads(mixer, memory_type, memory_read):
     """Per-token reads of the main memory (`o_t = M_{t-1}(q_t)`, intra-chunk reads as masked matmuls
-    through both layers of a deep memory) and chunk-start reads, with long chunks, left padding that
+    through both layers of a deep memory, or through its output layer with "token_output") and chunk-start
+    reads, with long chunks, left padding that
     spans a chunk boundary and single-token decoding: chunked == reference (float64, 1e-10)."""
     model = tiny_model(seed=17, dtype=torch.float64, mixer=mixer, memory_type=memory_type, memory_read=memory_read,
                        chunk_size=4, memory_chunk_size=8, memory_hidden_size=6)
     ids, mask = padded_batch(18, 30, [0, 3, 11])
     compare(model, ids, mask, [5, 13, 14, 22, 23], 1e-10)
+
+
+@pytest.mark.parametrize("mixer", ["self_modifying", "titans"])
+@pytest.mark.parametrize("memory_hidden_size", [None, 6])  # None: W1 and W2 in one solve
+def test_deep_output_gradient_at_current_state(mixer, memory_hidden_size):
+    """`deep_output_gradient="token"`: W1's inner gradient at the current W1 on the chunk-start hidden
+    features (a delta rule solved per chunk with its own erase term), W2's at the chunk start. Chunked ==
+    reference (float64, 1e-10) in outputs, states and outer gradients, with long chunks, padding across a
+    chunk boundary and single-token decoding; and it computes something else than the chunk-start rule."""
+    kwargs = dict(dtype=torch.float64, mixer=mixer, memory_type="deep", chunk_size=4, memory_chunk_size=8,
+                  memory_hidden_size=memory_hidden_size)
+    model = tiny_model(seed=21, deep_output_gradient="token", **kwargs)
+    ids, mask = padded_batch(22, 30, [0, 3, 11])
+    compare(model, ids, mask, [5, 13, 14, 22, 23], 1e-10)
+    with torch.no_grad():
+        other = tiny_model(seed=21, deep_output_gradient="chunk", **kwargs)(ids, attention_mask=mask).logits
+        assert float((model(ids, attention_mask=mask).logits - other).abs().max()) > 1e-4
+    grads = {}
+    for name in ("chunked", "reference"):
+        model.zero_grad()
+        with scan_implementation(model, name):
+            model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert len(grads["chunked"]) > 20 and grads["chunked"].keys() == grads["reference"].keys()
+    for name, g in grads["reference"].items():
+        torch.testing.assert_close(grads["chunked"][name], g, atol=1e-10, rtol=1e-8, msg=name)
 
 
 def test_token_reads_see_the_last_write():

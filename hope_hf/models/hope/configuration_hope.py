@@ -17,14 +17,15 @@ CMS_VARIANTS = ("sequential", "independent")
 ACTIVATIONS = ("silu", "gelu", "tanh")
 SELF_MODIFYING_MEMORIES = ("k", "v", "eta", "alpha", "mem")
 SCAN_IMPLEMENTATIONS = ("chunked", "reference")
-MEMORY_READS = ("token", "chunk")
+MEMORY_READS = ("token", "chunk", "token_output")
 LINEAR_GRADIENTS = ("token", "chunk")
+DEEP_OUTPUT_GRADIENTS = ("token", "chunk")
 FLA_DTYPES = ("bfloat16", "float16", "float32")
 # The fields that take one of a fixed set of strings.
 CHOICES = {
     "mixer": MIXERS, "memory_type": MEMORY_TYPES, "memory_activation": ACTIVATIONS, "cms_variant": CMS_VARIANTS,
     "scan_implementation": SCAN_IMPLEMENTATIONS, "memory_read": MEMORY_READS, "fla_dtype": FLA_DTYPES,
-    "linear_gradient": LINEAR_GRADIENTS,
+    "linear_gradient": LINEAR_GRADIENTS, "deep_output_gradient": DEEP_OUTPUT_GRADIENTS,
 }
 
 
@@ -33,7 +34,7 @@ CHOICES = {
 # (`HopeConfig.from_dict`), or a v1 adapter's `hope_kwargs`, gets that value, so a checkpoint keeps
 # computing what it computed when it was saved.
 LEGACY_DEFAULTS = {"memory_read": "chunk", "eta_max": 0.5, "dgd_step_bound": False, "linear_gradient": "chunk",
-                   "chunk_size": 16}
+                   "chunk_size": 16, "deep_output_gradient": "chunk"}
 
 
 def _is_positive_int(value) -> bool:
@@ -86,7 +87,11 @@ class HopeConfig(PretrainedConfig):
             state, `o_t = M_{t-1}(q_t)` (paper Eq. 88: a write is visible to the next token), or
             `"chunk"` the state at the start of the token's chunk (paper Eq. 90: nothing written
             in a chunk is visible before it ends). Default `"token"`: with `"chunk"` a prompt shorter
-            than `memory_chunk_size` cannot recall through `M_mem` (docs/design.md §8.6).
+            than `memory_chunk_size` cannot recall through `M_mem` (docs/design.md §8.6). `"token_output"`
+            (deep memories; a linear one reads as with `"token"`): the output layer at the current state and
+            the hidden layer at the chunk start, `o_t = q_t + W1_{t-1} act(W2_S q_t)`, the hidden features
+            that W1's writes of the chunk were computed on (W2's DGD erase at eta ~1 removes the hidden
+            layer's response to each written key; docs/design.md §8.22).
         linear_gradient: Where a linear memory takes its inner gradient (and a self-generated target):
             `"token"` at the current state `W_{t-1}` (the per-token DGD of paper Eq. 88, exact in the
             chunked path as one triangular solve), or `"chunk"` at the chunk-start state, as deep memories
@@ -95,6 +100,12 @@ class HopeConfig(PretrainedConfig):
             the titans mixer, which learns recall better with it and stays bounded (docs/design.md §8.20);
             the resolved value is what the config holds and saves. Checkpoints saved before this field
             existed compute with `"chunk"`. Deep memories ignore it.
+        deep_output_gradient: Where a deep memory `M(z) = z + W1 act(W2 z)` takes the inner gradient of its
+            output layer W1: `"chunk"` at the chunk-start state like W2 (paper Eq. 90, the Titans
+            approximation: the writes of one chunk cannot correct each other), or `"token"` at the current
+            `W1_{t-1}`, with the hidden features `act(W2 k)` still at the chunk-start W2: a delta rule on
+            those features (exact in the chunked path as one triangular solve, like `linear_gradient`).
+            W2's gradient is always taken at the chunk-start state. Linear memories ignore it.
         eta_max: Upper bound of the per-token inner learning rate `eta_t = eta_max * sigmoid(.)`, in
             (0, 2]. Above 1 the DGD transition `alpha I - eta u~ u~^T` gets eigenvalues below 0 along
             the key (state tracking, Grazzi et al. 2024); `primitives.step_bound` keeps the step
@@ -182,6 +193,7 @@ class HopeConfig(PretrainedConfig):
         memory_chunk_size: int = 64,
         memory_read: str = "token",
         linear_gradient: Optional[str] = None,
+        deep_output_gradient: str = "chunk",
         eta_max: float = 2.0,
         dgd_step_bound: bool = True,
         eta_init: float = 0.5,
@@ -228,6 +240,7 @@ class HopeConfig(PretrainedConfig):
         if linear_gradient is None:  # the measured best per mixer (docs/design.md §8.20)
             linear_gradient = "chunk" if mixer == "titans" else "token"
         self.linear_gradient = linear_gradient
+        self.deep_output_gradient = deep_output_gradient
         self.eta_max = eta_max
         self.dgd_step_bound = dgd_step_bound
         self.eta_init = eta_init

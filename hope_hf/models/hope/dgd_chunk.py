@@ -27,8 +27,8 @@ from .cache_hope import MemoryState
 from .chunk_grid import ChunkGrid, in_state_precision, masked_rates, scan_chunks, select_where
 from .dgd_fla import fla_dgd_chunk, use_fla
 from .dgd_naive import dgd_step
-from .primitives import (MemoryRule, Weights, activation, dgd_terms, flush_subnormals, l2norm, linear_dgd_terms,
-                         memory_read, readout_rates)
+from .primitives import (MemoryRule, Weights, activation, deep_output_dgd_terms, dgd_terms, flush_subnormals, l2norm,
+                         linear_dgd_terms, memory_read, readout_rates)
 
 PROJECTION_MEMORIES = ("k", "v", "eta", "alpha")
 
@@ -134,7 +134,9 @@ def _memory_chunk_update(
 ):
     """One chunk of DGD on one (possibly stacked) memory; the gradients are taken at `start`, or for a
     linear memory under `linear_gradient="token"` at each token's current state (`linear_dgd_terms`;
-    `target` is then ignored for a self-generated target, which it re-reads at that state). With the
+    `target` is then ignored for a self-generated target, which it re-reads at that state), and for a deep
+    memory's W1 under `deep_output_gradient="token"` at the current W1 on the chunk-start hidden features
+    (`deep_output_dgd_terms`). With the
     chunk-start gradient a linear memory on CUDA runs through fla's gated-delta-rule kernel (`dgd_fla`)
     unless the per-token reads are wanted. `target_key`: the key of a self-generated target.
 
@@ -145,21 +147,46 @@ def _memory_chunk_update(
                                               eta if rule.step_bound else None)
         solve = ChunkSolve(current["W"], unit, write, eta, log_alpha, erase_per_eta=erase)
         return ({"W": solve.end()}, {"W": solve}) if token_reads else {"W": solve.end()}
-    terms = dgd_terms(start, key, target, rule.activation, rule.eps, target_key, eta if rule.step_bound else None)
+    bound_eta = eta if rule.step_bound else None
+    terms = dgd_terms(start, key, target, rule.activation, rule.eps, target_key, bound_eta)
     if "W" in current and not token_reads and rule.use_fla and use_fla(current["W"]):
         return {"W": flush_subnormals(fla_dgd_chunk(current["W"], *terms["W"], eta, log_alpha, compute_dtype=rule.fla_dtype))}
+    # name -> (u~, r, erase direction a; None: -u~, the chunk-start gradient's)
+    terms = {name: (unit, write, None) for name, (unit, write) in terms.items()}
+    if rule.output_layer_at_current(current):  # W1: a delta rule on the chunk-start hidden features
+        unit, erase, write = deep_output_dgd_terms(start, key, target, target_key, rule.activation, rule.eps, bound_eta)
+        terms["W1"] = (unit, write, erase)
     if "W1" in current and current["W1"].shape == current["W2"].shape and key.shape[-2] > 1:  # both layers in one solve
+        (unit_1, write_1, erase_1), (unit_2, write_2, _) = terms["W1"], terms["W2"]  # W2: the DGD erase
         both = ChunkSolve(
-            torch.cat([current["W1"], current["W2"]]), torch.cat([terms["W1"][0], terms["W2"][0]]),
-            torch.cat([terms["W1"][1], terms["W2"][1]]), torch.cat([eta, eta]), torch.cat([log_alpha, log_alpha]),
+            torch.cat([current["W1"], current["W2"]]), torch.cat([unit_1, unit_2]), torch.cat([write_1, write_2]),
+            torch.cat([eta, eta]), torch.cat([log_alpha, log_alpha]),
+            None if erase_1 is None else torch.cat([erase_1, -unit_2]),
         )
         end = dict(zip(("W1", "W2"), both.end().chunk(2)))
         if not token_reads:
             return end
         return end, {name: _SolvePart(both, i, 2) for i, name in enumerate(("W1", "W2"))}
-    solves = {name: ChunkSolve(current[name], unit, write, eta, log_alpha) for name, (unit, write) in terms.items()}
+    solves = {name: ChunkSolve(current[name], unit, write, eta, log_alpha, erase_per_eta=erase)
+              for name, (unit, write, erase) in terms.items()}
     end = {name: solve.end() for name, solve in solves.items()}
     return (end, solves) if token_reads else end
+
+
+class _FixedRead:
+    """A weight that does not change inside the chunk, read like a `ChunkSolve` (every token reads it)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    def reads(self, z: torch.Tensor) -> torch.Tensor:
+        return z.to(self.weight.dtype) @ self.weight.transpose(-1, -2)
+
+    def reads_at(self, z: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return (self.weight @ z.to(self.weight.dtype).unsqueeze(-1)).squeeze(-1)
+
+    def map(self, fn) -> "_FixedRead":
+        return _FixedRead(fn(self.weight))
 
 
 class _SolvePart:
@@ -237,7 +264,8 @@ def _run_main_memory(
     shape = {w: t.shape[1:] for w, t in state.current.items()}  # [H, O, I]
     q, key, value = (_flat(x.transpose(1, 2).to(dtype), 2) for x in (q, key, value))  # [B*H, L, D]
     eta, alpha = (_flat(x.transpose(1, 2).to(dtype), 2) for x in (eta, alpha))  # [B*H, L]
-    token_reads = rule.memory_read == "token" and rule.updates
+    token_reads = rule.memory_read != "chunk" and rule.updates
+    hidden_at_start = rule.memory_read == "token_output" and "W2" in state.current
 
     def step(carry: MemoryState, piece):
         start, current = carry.start, carry.current
@@ -258,6 +286,8 @@ def _run_main_memory(
                                            value_c if self_generated else None, token_reads)
             if token_reads:  # reads at the state before each token's update (paper Eq. 88)
                 updated, solves = updated
+                if hidden_at_start:  # "token_output": the hidden layer read at the chunk start
+                    solves = {"W1": solves["W1"], "W2": _FixedRead(start["W2"])}
                 out = _token_reads(solves, q_c, rule.activation)
                 if pads is not None:
                     pad_read = _pad_token_reads(solves, pad_queries[pads].to(dtype), pads[0], pad_slots, heads, rule)
@@ -445,14 +475,18 @@ def _self_modifying_token(a, q, state: Dict[str, MemoryState], seen, mask, eta_r
     key, v_unit = l2norm(reads[:, 0], rule.eps), l2norm(reads[:, 1], rule.eps)  # [B, H, 1, D]
     eta, alpha = readout_rates(reads[:, 2], reads[:, 3], eta_readout, eta_bias, alpha_readout, alpha_bias,
                                eta_max)  # [B, H, 1]
-    read_at = current if rule.memory_read == "token" else start
-    o = memory_read({w: t[:, 4] for w, t in read_at.items()}, q_t, act)  # [B, H, 1, D]
+    read_at = rule.read_state({w: t[:, 4] for w, t in start.items()}, {w: t[:, 4] for w, t in current.items()})
+    o = memory_read(read_at, q_t, act)  # [B, H, 1, D]
     # the state every memory's inner gradient and self-generated value are taken at
     gradient_at = current if rule.gradient_at_current(current) else start
     targets = memory_read(gradient_at, v_unit.unsqueeze(1), act)  # every memory's self-generated value, [B, 5, H, 1, D]
     copies = lambda x: x.unsqueeze(1).expand(-1, len(names), *x.shape[1:])  # noqa: E731  [B, ...] -> [B, 5, ...]
     terms = dgd_terms(gradient_at, copies(key), targets, act, rule.eps, copies(v_unit),
                       copies(eta) if rule.step_bound else None)
+    if rule.output_layer_at_current(current):  # W1's gradient at the current W1, the chunk-start W2
+        gradient_at = {"W1": current["W1"], "W2": start["W2"]}
+        terms["W1"] = dgd_terms(gradient_at, copies(key), memory_read(gradient_at, v_unit.unsqueeze(1), act), act,
+                                rule.eps, copies(v_unit), copies(eta) if rule.step_bound else None)["W1"]
     terms = {w: (unit.squeeze(-2), write.squeeze(-2)) for w, (unit, write) in terms.items()}
     stepped = dgd_step(current, terms, eta.squeeze(-1).unsqueeze(1), alpha.squeeze(-1).unsqueeze(1))
     active = mask[:, 0]

@@ -50,19 +50,27 @@ def _learn(state: MemoryState, key: torch.Tensor, target: torch.Tensor, target_k
            rule: MemoryRule) -> MemoryState:
     """One token's DGD step on one memory, kept for the samples where the token is real; where it
     completes a chunk, the current state becomes the chunk-start state. The inner gradient is taken at
-    the chunk-start state, or at the current one for a linear memory under `linear_gradient="token"`
-    (a self-generated target is then re-read there). key, target, target_key: [B, H, D] (target_key:
-    the key of a self-generated target, None for a plain one); eta, alpha: [B, H]; active, chunk_end:
-    [B] bool."""
-    gradient_at = state.start
+    the chunk-start state, or at the current one for a linear memory under `linear_gradient="token"`;
+    a deep memory's output layer W1 under `deep_output_gradient="token"` takes it at the current W1 with
+    the chunk-start W2 (a self-generated target is re-read at the state the gradient is taken at).
+    key, target, target_key: [B, H, D] (target_key: the key of a self-generated target, None for a plain
+    one); eta, alpha: [B, H]; active, chunk_end: [B] bool."""
+
+    def terms_at(weights: Weights, names, at_start: bool):
+        """The DGD terms of the named weights with the inner gradient taken at `weights`."""
+        target_there = target if at_start or target_key is None else _read(weights, target_key, rule.activation)
+        terms = dgd_terms(weights, key.unsqueeze(-2), target_there.unsqueeze(-2), rule.activation, rule.eps,
+                          None if target_key is None else target_key.unsqueeze(-2),
+                          eta.unsqueeze(-1) if rule.step_bound else None)
+        return {name: (terms[name][0].squeeze(-2), terms[name][1].squeeze(-2)) for name in names}
+
     if rule.gradient_at_current(state.current):
-        gradient_at = state.current
-        if target_key is not None:
-            target = _read(gradient_at, target_key, rule.activation)
-    terms = dgd_terms(gradient_at, key.unsqueeze(-2), target.unsqueeze(-2), rule.activation, rule.eps,
-                      None if target_key is None else target_key.unsqueeze(-2),
-                      eta.unsqueeze(-1) if rule.step_bound else None)
-    terms = {name: (unit.squeeze(-2), write.squeeze(-2)) for name, (unit, write) in terms.items()}
+        terms = terms_at(state.current, ["W"], at_start=False)
+    elif rule.output_layer_at_current(state.current):
+        terms = {**terms_at(state.start, ["W2"], at_start=True),
+                 **terms_at({"W1": state.current["W1"], "W2": state.start["W2"]}, ["W1"], at_start=False)}
+    else:
+        terms = terms_at(state.start, list(state.start), at_start=True)
     current = select_where(active, dgd_step(state.current, terms, eta, alpha), state.current)
     return MemoryState(select_where(active & chunk_end, current, state.start), current)
 
@@ -86,7 +94,7 @@ def self_modifying_titans_naive(
     """Self-modifying Titans (paper Eq. 83-91), one token at a time.
 
     Every memory's keys, values, rates and inner gradient use its chunk-start state; the main memory
-    `mem` is read at the current state `M_{t-1}` with `rule.memory_read == "token"`.
+    `mem` is read at the state `rule.read_state` names (`M_{t-1}` with `memory_read="token"`).
 
     a, q: [B, T, H, D] (non-adaptive features and l2-normalised queries); mask: [B, T] bool;
     seen: [B]; readouts [H, D], biases [H]; state: memory name (`k, v, eta, alpha, mem`) -> state.
@@ -104,8 +112,7 @@ def self_modifying_titans_naive(
         eta_t, alpha_t = readout_rates(_read(start["eta"], a_t, rule.activation),
                                        _read(start["alpha"], a_t, rule.activation),
                                        eta_readout, eta_bias, alpha_readout, alpha_bias, eta_max)
-        read_state = state["mem"].current if rule.memory_read == "token" else start["mem"]
-        outputs.append(_read(read_state, q_t, rule.activation))
+        outputs.append(_read(rule.read_state(start["mem"], state["mem"].current), q_t, rule.activation))
         if not rule.updates:
             continue
         counter = counter + active.long()
@@ -137,8 +144,7 @@ def titans_naive(
     outputs = []
     for t in range(q.shape[1]):
         active = mask[:, t]
-        read_state = state.current if rule.memory_read == "token" else state.start
-        outputs.append(_read(read_state, q[:, t], rule.activation))
+        outputs.append(_read(rule.read_state(state.start, state.current), q[:, t], rule.activation))
         if not rule.updates:
             continue
         counter = counter + active.long()

@@ -235,7 +235,7 @@ class HopeMemoryMixer(nn.Module):
             memory_read=config.memory_read, step_bound=config.dgd_step_bound, recompute_above=config.scan_recompute_threshold,
             use_fla=config.use_fla_kernels, fla_dtype=getattr(torch, config.fla_dtype),
             compile_chunks=config.compile_chunks,
-            linear_gradient=config.linear_gradient,
+            linear_gradient=config.linear_gradient, deep_output_gradient=config.deep_output_gradient,
         )
 
     @property

@@ -33,7 +33,9 @@ class MemoryRule:
     activation: str
     eps: float  # of the l2 normalisations
     updates: bool  # False: memories stay at their initial state (the no-in-context-learning ablation)
-    memory_read: str  # "token": M_mem read at the current state (Eq. 88); "chunk": at the chunk start (Eq. 90)
+    # "token": M_mem read at the current state (Eq. 88); "chunk": at the chunk start (Eq. 90); "token_output": a deep
+    # memory's output layer at the current state, its hidden layer at the chunk start (`read_state`)
+    memory_read: str
     step_bound: bool  # bound every gradient step by the inner curvature (`step_bound`)
     recompute_above: Optional[int] = None  # chunked path: recompute the scan in the backward above this many chunks
     use_fla: bool = True  # linear memories on CUDA: fla's gated-delta-rule kernel for the end state, when installed
@@ -42,11 +44,27 @@ class MemoryRule:
     # linear memories: "token" takes the inner gradient (and a self-generated target) at the current state
     # W_{t-1} (`linear_dgd_terms`), "chunk" at the chunk-start state like a deep memory
     linear_gradient: str = "token"
+    # deep memories: "token" takes the output layer W1's inner gradient at the current W1_{t-1} (hidden
+    # features at the chunk-start W2, `deep_output_dgd_terms`), "chunk" at the chunk-start state like W2
+    deep_output_gradient: str = "chunk"
 
     def gradient_at_current(self, weights: "Weights") -> bool:
         """Whether these weights' inner gradient is taken at the current state (a linear memory under
         `linear_gradient="token"`) rather than at the chunk-start state."""
         return "W" in weights and self.linear_gradient == "token"
+
+    def read_state(self, start: "Weights", current: "Weights") -> "Weights":
+        """The weights the main memory is read at, given its chunk-start and current states."""
+        if self.memory_read == "chunk":
+            return start
+        if self.memory_read == "token_output" and "W1" in current:
+            return {"W1": current["W1"], "W2": start["W2"]}
+        return current
+
+    def output_layer_at_current(self, weights: "Weights") -> bool:
+        """Whether a deep memory's output layer W1 takes its inner gradient at the current W1_{t-1}
+        (`deep_output_gradient="token"`); its W2 always takes it at the chunk-start state."""
+        return "W1" in weights and self.deep_output_gradient == "token"
 
 
 # --- activations ----------------------------------------------------------------------------------
@@ -189,19 +207,18 @@ def linear_dgd_terms(
 
         W_t = W_{t-1} (alpha I + eta a u~^T) + eta r u~^T
 
-    `dgd_terms` at `W_{t-1}` gives the gradient term `eta c (W_{t-1} k - target) u~^T` with the scale
-    `c = -||k|| / (max(1, ||k||^2) b)` (b: the `step_bound` factor; 1 without eta). Its part linear in
-    `W_{t-1}` joins the erase term:
+    The inner error is `W_{t-1} (k - v^) - v`: a plain target `v` (v^ = 0), a self-generated target
+    `W_{t-1} v^` (v = 0), or both (a deep memory's output layer, `deep_output_dgd_terms`). `dgd_terms` at
+    `W_{t-1}` gives the gradient term `eta c (error) u~^T` with the scale `c = -||k|| / (max(1, ||k||^2) b)`
+    (b: the `step_bound` factor; 1 without eta). Its part linear in `W_{t-1}` joins the erase term:
 
-        plain target v:                  a = -u~ + c k,          r = -c v
-        self-generated target W v^:      a = -u~ + c (k - v^),   r = 0
+        a = -u~ + c (k - v^),    r = -c v
 
     Both sides are known before the chunk is solved, so the chunk stays one triangular solve
     (`dgd_chunk.ChunkSolve` with `erase_per_eta=a`).
 
-    key: k [..., C, D]; target: v [..., C, D] for a plain target, None for a self-generated one; target_key:
-    v^ [..., C, D] (None for a plain target); eta: [..., C] (None: the unbounded step).
-    Returns (u~, a, r), each [..., C, D]."""
+    key: k [..., C, I]; target: v [..., C, O] or None; target_key: v^ [..., C, I] or None (not both None);
+    eta: [..., C] (None: the unbounded step). Returns (u~ [..., C, I], a [..., C, I], r [..., C, O])."""
     squared = (key * key).sum(-1)  # [..., C]
     scale = torch.rsqrt(squared + eps)
     normaliser = squared.clamp(min=1.0)
@@ -209,9 +226,28 @@ def linear_dgd_terms(
         normaliser = normaliser * step_bound({"W": key}, key, target_key, eta, "identity")["W"]
     c = (-(squared + eps) * scale / normaliser).unsqueeze(-1)  # [..., C, 1], as in dgd_terms
     unit = key * scale.unsqueeze(-1)
+    erase = c * (key if target_key is None else key - target_key) - unit
+    return unit, erase, (-c * target if target is not None else torch.zeros_like(key))
+
+
+def deep_output_dgd_terms(
+    state: Weights, key: torch.Tensor, target: torch.Tensor, target_key: Optional[torch.Tensor], act: str,
+    eps: float, eta: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DGD step of a deep memory's output layer W1 with its inner gradient taken at the current
+    `W1_{t-1}` and the hidden features `h(z) = act(W2 z)` at the chunk-start W2 (`state`;
+    `HopeConfig.deep_output_gradient="token"`). The inner error `k + W1_{t-1} h(k) - target` is linear in
+    `W1_{t-1}`; with a self-generated target `v^ + W1_{t-1} h(v^)` it is `W1_{t-1} (h(k) - h(v^)) + k - v^`.
+    So the step is `linear_dgd_terms` on the hidden features with the plain target `target - k` (or
+    `v^ - k`): a delta rule on the chunk-start features, one triangular solve per chunk.
+
+    state: the chunk-start weights (W2 [..., M, D] is used); key, target, target_key (None: a plain target):
+    [..., C, D]; eta: [..., C] (None: the unbounded step). Returns (u~, a, r) as `linear_dgd_terms`."""
+    hidden = activation(act, key @ state["W2"].transpose(-1, -2))  # h(k), [..., C, M]
     if target_key is None:
-        return unit, c * key - unit, -c * target
-    return unit, c * (key - target_key) - unit, torch.zeros_like(key)
+        return linear_dgd_terms(hidden, target - key, None, eps, eta)
+    target_hidden = activation(act, target_key @ state["W2"].transpose(-1, -2))
+    return linear_dgd_terms(hidden, target_key - key, target_hidden, eps, eta)
 
 
 def step_bound(state: Weights, key: torch.Tensor, target_key: Optional[torch.Tensor], eta: torch.Tensor, act: str) -> Weights:
