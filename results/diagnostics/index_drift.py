@@ -116,6 +116,34 @@ def accuracies(model: HopeForCausalLM, test, collate) -> dict:
     return out
 
 
+def measure_training(args: argparse.Namespace, config_flags: list, kv_pairs: int, name: str, measure, accuracies) -> dict:
+    """Trains the suite's HOPE on MQAR with `kv_pairs` pairs exactly as `scripts/synthetic.py mqar --lrs LR --seeds S`
+    does (same data, same seeded batches; `args.steps` 0: at init only) and measures it at init and after training:
+    `measure(model, probe)` on 64 held-out sequences (stored under `name`) and `accuracies(model, test, collate)` on
+    the 500 test sequences. Writes the table to `args.out` (JSON) when given, and returns it."""
+    suite = synthetic.build_parser().parse_args(["mqar", "--kv-pairs", str(kv_pairs), *config_flags])
+    config = synthetic.hope_config(suite, suite.mqar_vocab, FILLER_ID)
+    collate = functools.partial(pad_collate, pad_token_id=FILLER_ID)
+    common = dict(vocab_size=suite.mqar_vocab, seq_len=suite.mqar_seq_len, num_kv_pairs=kv_pairs)
+    train = generate_mqar(suite.mqar_train, seed=args.seed, **common)
+    test = generate_mqar(500, seed=args.seed + 1, **common)
+    probe = collate([test[i] for i in range(64)])
+    torch.manual_seed(args.seed)  # as `hope_and_llama` initialises the HOPE
+    model = HopeForCausalLM(config)
+    table = {"init": {name: measure(model, probe), "accuracy": accuracies(model, test, collate)}}
+    print("init:", table["init"], flush=True)
+    if args.steps:
+        budget = replace(synthetic.budget_for("mqar", suite), lr=args.lr, seed=args.seed, steps=args.steps)
+        train_model(model, train, collate, budget, desc=f"HOPE lr={args.lr}")
+        model.eval()
+        table["trained"] = {name: measure(model, probe), "accuracy": accuracies(model, test, collate)}
+        print("trained:", table["trained"], flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "config_flags": config_flags, "table": table},
+                                             indent=2))
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seed", type=int, default=0)
@@ -123,27 +151,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="0: measure at init only")
     parser.add_argument("--out", default=None, help="JSON file for the table")
     args, config_flags = parser.parse_known_args()
-
-    suite = synthetic.build_parser().parse_args(["mqar", "--kv-pairs", "4", *config_flags])
-    config = synthetic.hope_config(suite, suite.mqar_vocab, FILLER_ID)
-    collate = functools.partial(pad_collate, pad_token_id=FILLER_ID)
-    common = dict(vocab_size=suite.mqar_vocab, seq_len=suite.mqar_seq_len, num_kv_pairs=4)
-    train = generate_mqar(suite.mqar_train, seed=args.seed, **common)
-    test = generate_mqar(500, seed=args.seed + 1, **common)
-    probe = collate([test[i] for i in range(64)])
-    torch.manual_seed(args.seed)  # as `hope_and_llama` initialises the HOPE
-    model = HopeForCausalLM(config)
-    table = {"init": {"drift": drift(model, probe), "accuracy": accuracies(model, test, collate)}}
-    print("init:", table["init"], flush=True)
-    if args.steps:
-        budget = replace(synthetic.budget_for("mqar", suite), lr=args.lr, seed=args.seed, steps=args.steps)
-        train_model(model, train, collate, budget, desc=f"HOPE lr={args.lr}")
-        model.eval()
-        table["trained"] = {"drift": drift(model, probe), "accuracy": accuracies(model, test, collate)}
-        print("trained:", table["trained"], flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "config_flags": config_flags, "table": table},
-                                             indent=2))
+    measure_training(args, config_flags, 4, "drift", drift, accuracies)
 
 
 if __name__ == "__main__":

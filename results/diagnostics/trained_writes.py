@@ -17,9 +17,7 @@ feature `a` is zero left out):
 import argparse
 import dataclasses
 import functools
-import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,14 +25,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "results" / "diagnostics")]
 
-from hope_hf.data import generate_mqar, masked_next_token_accuracy, pad_collate  # noqa: E402
-from hope_hf.data.synthetic import FILLER_ID  # noqa: E402
-from hope_hf.experiments import evaluate_accuracy, train_model  # noqa: E402
+from hope_hf.data import masked_next_token_accuracy  # noqa: E402
+from hope_hf.experiments import evaluate_accuracy  # noqa: E402
 from hope_hf.models.hope.cache_hope import LayerState  # noqa: E402
 from hope_hf.models.hope.modeling_hope import HopeForCausalLM  # noqa: E402
 from hope_hf.models.hope.primitives import l2norm, memory_read  # noqa: E402
-from index_drift import memories_after, rates  # noqa: E402
-import synthetic  # noqa: E402  (scripts/synthetic.py: the suite's parser, config and budget)
+from index_drift import measure_training, memories_after, rates  # noqa: E402
 
 
 @torch.no_grad()
@@ -85,29 +81,10 @@ def main() -> None:
     parser.add_argument("--kv-pairs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=300, help="0: measure at init only")
     parser.add_argument("--out", default=None, help="JSON file for the table")
     args, config_flags = parser.parse_known_args()
-
-    suite = synthetic.build_parser().parse_args(["mqar", "--kv-pairs", str(args.kv_pairs), *config_flags])
-    config = synthetic.hope_config(suite, suite.mqar_vocab, FILLER_ID)
-    collate = functools.partial(pad_collate, pad_token_id=FILLER_ID)
-    common = dict(vocab_size=suite.mqar_vocab, seq_len=suite.mqar_seq_len, num_kv_pairs=args.kv_pairs)
-    train = generate_mqar(suite.mqar_train, seed=args.seed, **common)
-    test = generate_mqar(500, seed=args.seed + 1, **common)
-    probe = collate([test[i] for i in range(64)])
-    torch.manual_seed(args.seed)  # as `hope_and_llama` initialises the HOPE
-    model = HopeForCausalLM(config)
-    table = {"init": {"writes": writes(model, probe), "accuracy": accuracies(model, test, collate)}}
-    print("init:", table["init"], flush=True)
-    budget = replace(synthetic.budget_for("mqar", suite), lr=args.lr, seed=args.seed, steps=args.steps)
-    train_model(model, train, collate, budget, desc=f"HOPE lr={args.lr}")
-    model.eval()
-    table["trained"] = {"writes": writes(model, probe), "accuracy": accuracies(model, test, collate)}
-    print("trained:", table["trained"], flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "config_flags": config_flags, "table": table},
-                                             indent=2))
+    measure_training(args, config_flags, args.kv_pairs, "writes", writes, accuracies)
 
 
 if __name__ == "__main__":
