@@ -53,6 +53,18 @@ def memories_after(model: HopeForCausalLM, batch: dict, length: int) -> list:
     return [{name: mem.current for name, mem in layer.state.memories.items()} for layer in out.past_key_values.layers]
 
 
+@torch.no_grad()
+def mixer_inputs(model: HopeForCausalLM, batch: dict) -> dict:
+    """Layer index -> the hidden states its mixer reads [B, T, d], from one forward pass over the batch."""
+    inputs = {}
+    hooks = [layer.mixer.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
+             for i, layer in enumerate(model.model.layers)]
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for hook in hooks:
+        hook.remove()
+    return inputs
+
+
 def rates(mixer, weights: dict, a: torch.Tensor, act: str) -> tuple:
     """Mean eta_t and alpha_t (paper Eq. 86-87) that the rate memories of `weights` give the features a [B, H, T, D]."""
     eta, alpha = readout_rates(memory_read(weights["eta"], a, act), memory_read(weights["alpha"], a, act),
@@ -66,12 +78,7 @@ def drift(model: HopeForCausalLM, batch: dict) -> list:
     """Per layer: how the projections read by the last chunk's tokens differ between the memories' initial state
     and their chunk-start state in that chunk (see the module docstring). Tokens whose feature `a` is zero (filler
     tokens whose conv window holds only the zero embedding of the pad id: below 1e-4 of the largest) are left out."""
-    inputs = {}
-    hooks = [layer.mixer.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
-             for i, layer in enumerate(model.model.layers)]
-    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    for hook in hooks:
-        hook.remove()
+    inputs = mixer_inputs(model, batch)
     config, length = model.config, batch["input_ids"].shape[1]
     key_start = (length - 1) // config.chunk_size * config.chunk_size
     mem_start = (length - 1) // config.memory_chunk_size * config.memory_chunk_size

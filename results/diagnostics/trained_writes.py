@@ -30,17 +30,12 @@ from hope_hf.experiments import evaluate_accuracy  # noqa: E402
 from hope_hf.models.hope.cache_hope import LayerState  # noqa: E402
 from hope_hf.models.hope.modeling_hope import HopeForCausalLM  # noqa: E402
 from hope_hf.models.hope.primitives import l2norm, memory_read  # noqa: E402
-from index_drift import measure_training, memories_after, rates  # noqa: E402
+from index_drift import measure_training, memories_after, mixer_inputs, rates  # noqa: E402
 
 
 @torch.no_grad()
 def writes(model: HopeForCausalLM, batch: dict) -> list:
-    inputs = {}
-    hooks = [layer.mixer.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
-             for i, layer in enumerate(model.model.layers)]
-    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    for hook in hooks:
-        hook.remove()
+    inputs = mixer_inputs(model, batch)
     config, length = model.config, batch["input_ids"].shape[1]
     initial, end = memories_after(model, batch, 0), memories_after(model, batch, length)
     act, eps = config.memory_activation, config.norm_eps
