@@ -28,7 +28,7 @@ from .chunk_grid import ChunkGrid, in_state_precision, masked_rates, scan_chunks
 from .dgd_fla import fla_dgd_chunk, use_fla
 from .dgd_naive import dgd_step
 from .primitives import (MemoryRule, Weights, activation, deep_output_dgd_terms, dgd_terms, flush_subnormals, l2norm,
-                         linear_dgd_terms, memory_read, readout_rates)
+                         linear_dgd_terms, memory_read, output_layer_current, readout_rates)
 
 PROJECTION_MEMORIES = ("k", "v", "eta", "alpha")
 
@@ -484,7 +484,7 @@ def _self_modifying_token(a, q, state: Dict[str, MemoryState], seen, mask, eta_r
     terms = dgd_terms(gradient_at, copies(key), targets, act, rule.eps, copies(v_unit),
                       copies(eta) if rule.step_bound else None)
     if rule.output_layer_at_current(current):  # W1's gradient at the current W1, the chunk-start W2
-        gradient_at = {"W1": current["W1"], "W2": start["W2"]}
+        gradient_at = output_layer_current(start, current)
         terms["W1"] = dgd_terms(gradient_at, copies(key), memory_read(gradient_at, v_unit.unsqueeze(1), act), act,
                                 rule.eps, copies(v_unit), copies(eta) if rule.step_bound else None)["W1"]
     terms = {w: (unit.squeeze(-2), write.squeeze(-2)) for w, (unit, write) in terms.items()}

@@ -19,7 +19,8 @@ import torch
 
 from .cache_hope import MemoryState
 from .chunk_grid import select_where
-from .primitives import MemoryRule, Weights, dgd_terms, flush_subnormals, l2norm, memory_read, readout_rates
+from .primitives import (MemoryRule, Weights, dgd_terms, flush_subnormals, l2norm, memory_read, output_layer_current,
+                         readout_rates)
 
 
 def dgd_step(current: Weights, terms: Dict[str, Tuple[torch.Tensor, torch.Tensor]], eta: torch.Tensor,
@@ -68,7 +69,7 @@ def _learn(state: MemoryState, key: torch.Tensor, target: torch.Tensor, target_k
         terms = terms_at(state.current, ["W"], at_start=False)
     elif rule.output_layer_at_current(state.current):
         terms = {**terms_at(state.start, ["W2"], at_start=True),
-                 **terms_at({"W1": state.current["W1"], "W2": state.start["W2"]}, ["W1"], at_start=False)}
+                 **terms_at(output_layer_current(state.start, state.current), ["W1"], at_start=False)}
     else:
         terms = terms_at(state.start, list(state.start), at_start=True)
     current = select_where(active, dgd_step(state.current, terms, eta, alpha), state.current)

@@ -58,13 +58,20 @@ class MemoryRule:
         if self.memory_read == "chunk":
             return start
         if self.memory_read == "token_output" and "W1" in current:
-            return {"W1": current["W1"], "W2": start["W2"]}
+            return output_layer_current(start, current)
         return current
 
     def output_layer_at_current(self, weights: "Weights") -> bool:
         """Whether a deep memory's output layer W1 takes its inner gradient at the current W1_{t-1}
         (`deep_output_gradient="token"`); its W2 always takes it at the chunk-start state."""
         return "W1" in weights and self.deep_output_gradient == "token"
+
+
+def output_layer_current(start: Weights, current: Weights) -> Weights:
+    """A deep memory with its output layer W1 at the current state and its hidden layer W2 at the chunk
+    start: the state `memory_read="token_output"` reads, and the one `deep_output_gradient="token"` takes W1's
+    inner gradient at."""
+    return {"W1": current["W1"], "W2": start["W2"]}
 
 
 # --- activations ----------------------------------------------------------------------------------
