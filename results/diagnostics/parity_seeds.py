@@ -34,7 +34,7 @@ from hope_hf.experiments import train_model  # noqa: E402
 from hope_hf.models.hope.cache_hope import LayerState  # noqa: E402
 from hope_hf.models.hope.modeling_hope import HopeForCausalLM  # noqa: E402
 from hope_hf.models.hope.primitives import memory_read, readout_rates  # noqa: E402
-from index_drift import mixer_inputs  # noqa: E402
+from index_drift import memories_after, mixer_inputs  # noqa: E402
 import synthetic  # noqa: E402  (scripts/synthetic.py: the suite's parser, config and budget)
 
 ZERO, ONE = FORMAL_TOKEN_TO_ID["0"], FORMAL_TOKEN_TO_ID["1"]
@@ -88,12 +88,13 @@ def measure(model: HopeForCausalLM, batch: dict) -> dict:
     inputs = mixer_inputs(model, batch)
     mask = batch["attention_mask"].bool()
     is_one, is_zero = (ids == ONE), (ids == ZERO)  # [B, T]
+    initial_states = memories_after(model, batch, 0)
     layers = []
     for i, layer in enumerate(model.model.layers):
         mixer = layer.mixer
         a, _ = mixer.features(inputs[i], LayerState(), mask)
         a = mixer.split_heads(a).transpose(1, 2)  # [B, H, T, D]
-        initial = {name: mem.expand(len(ids)) for name, mem in mixer.memories.items()}
+        initial = initial_states[i]
         act = model.config.memory_activation
         eta, alpha = readout_rates(memory_read(initial["eta"], a, act), memory_read(initial["alpha"], a, act),
                                    mixer.eta_readout, mixer.eta_bias, mixer.alpha_readout, mixer.alpha_bias,
